@@ -1,0 +1,74 @@
+r"""DDPM on brain-phantom slices (or volumes).
+
+Run::
+
+  python launch.py --config=configs/ddpm.py:res=32,contrast=t2w \
+      --workdir=workdirs/ddpm_t2w_32
+
+Args (``key=value`` after the colon):
+  res: image side (32, 64, 128, ...).
+  contrast: t1w|t2w|pd|flair, or several joined by "+" (multi-channel).
+  dims: 2 (axial slices) or 3 (volumes).
+  cond: "" (unconditional) or "label" (lesion present / absent, with
+    classifier-free guidance).
+  steps: training steps.
+  runlocal: tiny model and few steps, for tests and laptops.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, res=32, contrast="t2w", dims=2, cond="",
+                       steps=0, runlocal=False)
+  contrasts = tuple(a.contrast.split("+"))
+  for c in contrasts:
+    if c not in common.CONTRASTS:
+      raise ValueError(f"contrast {c!r} not in {common.CONTRASTS}")
+  c = common.base_config()
+  c.data = common.data_config(res=a.res, contrasts=contrasts,
+                              spatial_dims=a.dims, cond=a.cond)
+  c.model = ml_collections.ConfigDict(dict(
+      ch=64 if a.res >= 64 else 32,
+      ch_mult=(1, 2, 2, 2) if a.res >= 64 else (1, 2, 2),
+      num_res_blocks=2,
+      attn_resolutions=(16,) if a.res >= 32 else (),
+      num_heads=4,
+      dropout=0.0,
+      num_groups=8,
+      # Compute dtype; parameters and optimizer state stay float32.
+      dtype="float32",
+  ))
+  c.method = ml_collections.ConfigDict(dict(
+      name="ddpm",
+      schedule="cosine",        # linear | cosine
+      timesteps=1000,
+      prediction="eps",         # eps | v
+      p_uncond=0.1,             # label dropout for classifier-free guidance
+  ))
+  c.sample = ml_collections.ConfigDict(dict(
+      sampler="ddim",           # ddpm | ddim
+      steps=50,
+      eta=0.0,
+      guidance_scale=1.0,       # 0 = unguided conditional model
+      num=64,
+      batch_size=64,
+  ))
+  c.optim.lr = 2e-4
+  c.train.num_steps = 3_000
+  c.train.sample_every = 1_000
+  c.train.ckpt_every = 250
+  if a.runlocal:
+    c.data.num_subjects = 10
+    c.data.batch_size = 8
+    c.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                   attn_resolutions=(), num_groups=4)
+    c.train.update(num_steps=20, log_every=5, ckpt_every=10, sample_every=20,
+                   num_grid_samples=4, ema_warmup=5)
+    c.optim.warmup_steps = 5
+    c.sample.update(steps=5, num=8, batch_size=8)
+  if a.steps:
+    c.train.num_steps = a.steps
+  return c

@@ -1,0 +1,55 @@
+r"""medgen_jax entry point.
+
+  python launch.py --config=configs/ddpm.py:res=32,runlocal --workdir=/tmp/x
+  python launch.py --config=configs/ddpm.py --config.train.num_steps=500 ...
+  python launch.py --config=... --workdir=DIR --mode=sample
+
+Modes:
+  train   train the configured method; resumes from DIR/checkpoints.
+  sample  draw config.sample.num samples from the latest checkpoint into
+          DIR/samples/final_step_N.{npz,png}.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/ddpm.py", "Experiment config file (path[:args]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (checkpoints, metrics, samples). Default: "
+    "workdirs/<config file name>.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+
+
+def _default_workdir(config_arg: str) -> str:
+  name = os.path.splitext(os.path.basename(config_arg.split(":")[0]))[0]
+  return os.path.join("workdirs", name)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Imports after flag parsing: a bad flag fails fast, before JAX starts.
+  import jax  # pylint: disable=import-outside-toplevel
+  from medgen_jax import config_check, runtime  # pylint: disable=import-outside-toplevel
+
+  config = _CONFIG.value
+  runtime.setup(config)
+  try:
+    config_check.validate(config, num_devices=jax.device_count())
+  except config_check.ConfigError as e:
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
+  workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
+  from medgen_jax import commands  # pylint: disable=import-outside-toplevel
+  commands.run(_MODE.value, config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,156 @@
+r"""Benchmark a config's training step, sampler and input pipeline.
+
+  python -m medgen_jax.bench --config=configs/ddpm.py:res=32 [--steps=20]
+      [--config.model.dtype=bfloat16] [--peak_tflops=989] [--out=bench.json]
+
+Prints compile time, train steps/s and images/s after warm-up (median over
+timed steps), sampler images/s, input-pipeline batches/s, peak host RSS,
+XLA's estimated FLOPs per step, achieved FLOP/s and, when the device's peak
+is known (or given), MFU = achieved / peak.
+"""
+
+import json
+import resource
+import statistics
+import time
+from typing import Any, Dict
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/ddpm.py", "Experiment config (path[:args]).",
+    lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed training steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compile.")
+_SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 1,
+                                       "Timed sampler calls (0 skips).")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0,
+                           "Device peak TFLOP/s for MFU (0: look up).")
+_OUT = flags.DEFINE_string("out", "", "Also write the results as JSON here.")
+
+# Dense peak TFLOP/s per device by (device_kind substring, dtype).
+PEAK_TFLOPS = {
+    ("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
+    ("H200", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
+    ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5,
+    ("TPU v4", "bfloat16"): 275.0, ("TPU v5 lite", "bfloat16"): 197.0,
+    ("TPU v5p", "bfloat16"): 459.0,
+}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float:
+  for (kind, dt), value in PEAK_TFLOPS.items():
+    if kind in device_kind and dt == dtype:
+      return value
+  return 0.0
+
+
+def flops_of(compiled) -> float:
+  """XLA's cost-analysis FLOP estimate of a compiled program (0 if absent)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _timed(fn, repeats: int):
+  times = []
+  out = None
+  for _ in range(repeats):
+    t = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t)
+  return out, times
+
+
+def run(config) -> Dict[str, Any]:
+  """Runs the benchmark; returns the measurements as a flat dict."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from medgen_jax import config_check, runtime  # pylint: disable=import-outside-toplevel
+  from medgen_jax.train import sharding, trainer  # pylint: disable=import-outside-toplevel
+
+  runtime.setup(config)
+  config_check.validate(config, num_devices=jax.device_count())
+  exp = trainer.build_experiment(config)
+  state = trainer.init_state(exp)
+  batch = trainer.example_batch(exp.data, exp.mesh)
+  rng = jax.random.key(0)
+  res: Dict[str, Any] = {
+      "device": jax.devices()[0].device_kind,
+      "num_devices": jax.device_count(),
+      "dtype": config.model.dtype,
+      "batch_size": config.data.batch_size,
+      "image_shape": list(exp.data.image_shape),
+      "params_M": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+  }
+
+  t = time.perf_counter()
+  compiled = trainer.jit_train_step(exp).lower(state, batch, rng).compile()
+  res["compile_s"] = time.perf_counter() - t
+  res["flops_per_step"] = flops_of(compiled)
+
+  def step():
+    nonlocal state
+    state, m = compiled(state, batch, rng)
+    jax.block_until_ready(m)
+
+  _timed(step, _WARMUP.value)
+  _, times = _timed(step, _STEPS.value)
+  res["step_s_median"] = statistics.median(times)
+  res["step_s_min"] = min(times)
+  res["steps_per_s"] = 1.0 / res["step_s_median"]
+  res["train_images_per_s"] = config.data.batch_size * res["steps_per_s"]
+  res["achieved_tflops"] = res["flops_per_step"] * res["steps_per_s"] / 1e12
+  peak = _PEAK.value or peak_tflops(res["device"], config.model.dtype)
+  res["peak_tflops"] = peak
+  res["mfu"] = res["achieved_tflops"] / (peak * jax.device_count()) if peak else None
+
+  # Input pipeline: host gather + transfer of a global batch, no model.
+  bs = sharding.batch_sharding(exp.mesh)
+  _, ptimes = _timed(lambda: jax.block_until_ready(
+      sharding.global_batch(exp.data.batcher.batch(7), bs)), 20)
+  res["input_batches_per_s"] = 1.0 / statistics.median(ptimes)
+
+  if _SAMPLE_REPEATS.value:
+    n = config.sample.batch_size
+    sample_fn = jax.jit(exp.method.sample, static_argnums=2)
+    t = time.perf_counter()
+    sample_compiled = sample_fn.lower(state, rng, n).compile()
+    res["sample_compile_s"] = time.perf_counter() - t
+    _, stimes = _timed(lambda: jax.block_until_ready(
+        sample_compiled(state, rng, n)), _SAMPLE_REPEATS.value)
+    res["sample_batch"] = n
+    res["sample_steps"] = config.sample.steps
+    res["sample_s"] = statistics.median(stimes)
+    res["sample_images_per_s"] = n / res["sample_s"]
+    res["sample_s_per_denoise_step"] = res["sample_s"] / config.sample.steps
+  res["peak_rss_mb"] = peak_rss_mb()
+  return res
+
+
+def format_results(res: Dict[str, Any]) -> str:
+  rows = []
+  for k, v in res.items():
+    if isinstance(v, float):
+      v = f"{v:.4g}"
+    rows.append(f"  {k:<28} {v}")
+  return "\n".join(rows)
+
+
+def main(argv):
+  del argv
+  res = run(_CONFIG.value)
+  print("benchmark:\n" + format_results(res), flush=True)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,67 @@
+"""What each ``launch.py --mode`` does."""
+
+import os
+from typing import Any, Dict
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from medgen_jax import viz
+from medgen_jax.data import pipeline
+from medgen_jax.train import trainer
+
+
+def _summary_table(rows) -> str:
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  out = trainer.train(config, workdir)
+  rows = [("workdir", os.path.abspath(workdir)), ("final step", out["step"]),
+          ("wall time", f"{out['seconds']:.1f} s")]
+  rows += [(f"train {k}", f"{v:.5g}") for k, v in sorted(out["metrics"].items())]
+  if out["samples"]:
+    rows.append(("last sample grid", out["samples"][-1]))
+  print("Training finished:\n" + _summary_table(rows), flush=True)
+  return out
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Draws ``config.sample.num`` samples in batches into ``workdir/samples``.
+
+  Writes ``final_step_N.npz`` with ``image`` (normalised [-1, 1]),
+  ``image_signal`` (back in the data set's signal units) and ``label`` when
+  the model is conditional, plus a PNG grid of the first 64.
+  """
+  exp, step, state, meta = trainer.load_for_sampling(config, workdir)
+  sample_fn = jax.jit(exp.method.sample, static_argnums=2)
+  sc = config.sample
+  chunks = []
+  for i in range(-(-sc.num // sc.batch_size)):
+    rng = jax.random.fold_in(exp.sample_rng, i)
+    chunks.append(jax.device_get(sample_fn(state, rng, sc.batch_size)))
+  out = {k: np.concatenate([c[k] for c in chunks])[:sc.num] for k in chunks[0]}
+  stats = {k: tuple(v) for k, v in meta["normalization"].items()}
+  out["image_signal"] = pipeline.denormalize(out["image"], meta["contrasts"],
+                                             stats)
+  base = os.path.join(workdir, "samples", f"final_step_{step}")
+  os.makedirs(os.path.dirname(base), exist_ok=True)
+  tmp = base + ".tmp.npz"
+  np.savez_compressed(tmp, **out)
+  os.replace(tmp, base + ".npz")
+  viz.save_png(viz.image_grid(out["image"][:64], config.data.spatial_dims),
+               base + ".png")
+  logging.info("wrote %d samples to %s.npz", sc.num, base)
+  print(f"Wrote {sc.num} samples from step {step}: {base}.npz, {base}.png",
+        flush=True)
+  return out
+
+
+MODES = {"train": train, "sample": sample}
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str):
+  return MODES[mode](config, workdir)

@@ -1,0 +1,218 @@
+"""Input pipeline: split -> normalise -> deterministic batches -> mesh.
+
+Medical training sets are small (hundreds to tens of thousands of slices), so a
+split is read once from its TFDS data source into host memory and batches are
+gathered by index. The order is a pure function of ``(shuffle_seed, step)``:
+a resumed run sees exactly the batches it would have seen, with no iterator
+state to checkpoint. A background thread keeps the next batches on device.
+"""
+
+import dataclasses
+import functools
+import importlib
+import queue
+import threading
+from typing import Dict, Iterator, Mapping, Optional, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from medgen_jax.train import sharding as sharding_lib
+
+Arrays = Dict[str, np.ndarray]
+NORMALIZATIONS = ("minmax", "zscore", "none")
+
+
+def builder_module(name: str):
+  """``medgen_jax.data.builders.<name>``, which exposes ``prepare(data_cfg)``."""
+  try:
+    return importlib.import_module(f"medgen_jax.data.builders.{name}")
+  except ModuleNotFoundError as e:
+    if e.name != f"medgen_jax.data.builders.{name}":
+      raise
+    raise ValueError(f"unknown data.dataset {name!r}") from None
+
+
+def read_split(data_cfg: ml_collections.ConfigDict, split: str) -> Arrays:
+  """All examples of ``split`` as stacked numpy arrays ``{key: [N, ...]}``.
+
+  Builds the data set first if it is not in ``data_cfg.data_dir``.
+  """
+  builder = builder_module(data_cfg.dataset).prepare(data_cfg)
+  if split not in builder.info.splits:
+    raise ValueError(f"split {split!r} not in data set {builder.info.name} "
+                     f"(has {sorted(builder.info.splits)})")
+  source = builder.as_data_source(split=split)
+  examples = source.__getitems__(list(range(len(source))))
+  return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+
+
+def normalization_stats(train: Arrays,
+                        data_cfg: ml_collections.ConfigDict
+                        ) -> Dict[str, Tuple[float, float]]:
+  """Per-contrast ``(offset, scale)`` from the TRAINING split only.
+
+  ``minmax``: the clip percentiles map to [-1, 1]; ``zscore``: mean and std;
+  ``none``: identity. Stored with checkpoints so samples can be mapped back
+  to signal units and evaluation uses the same transform.
+  """
+  kind = data_cfg.normalization
+  if kind not in NORMALIZATIONS:
+    raise ValueError(f"data.normalization must be one of {NORMALIZATIONS}, "
+                     f"got {kind!r}")
+  stats = {}
+  for c in data_cfg.contrasts:
+    x = train[c].astype(np.float64)
+    if kind == "minmax":
+      lo, hi = np.percentile(x, data_cfg.clip_percentiles)
+      stats[c] = (float((lo + hi) / 2), float(max(hi - lo, 1e-8) / 2))
+    elif kind == "zscore":
+      stats[c] = (float(x.mean()), float(max(x.std(), 1e-8)))
+    else:
+      stats[c] = (0.0, 1.0)
+  return stats
+
+
+def to_model_arrays(split: Arrays, data_cfg: ml_collections.ConfigDict,
+                    stats: Mapping[str, Tuple[float, float]]) -> Arrays:
+  """Stacks contrasts as channels and normalises.
+
+  Returns:
+    ``image`` float32 ``[N, *spatial, C]`` (C = number of contrasts, in
+    ``data_cfg.contrasts`` order), ``label`` int32 ``[N]``, and the masks the
+    data set has (``lesion_mask``, ``tissue``) as uint8 ``[N, *spatial]``.
+  """
+  chans = []
+  for c in data_cfg.contrasts:
+    offset, scale = stats[c]
+    x = (split[c].astype(np.float32) - offset) / scale
+    if data_cfg.normalization == "minmax":
+      x = np.clip(x, -1.0, 1.0)
+    chans.append(x)
+  out = {"image": np.stack(chans, axis=-1).astype(np.float32)}
+  if "label" in split:
+    out["label"] = split["label"].astype(np.int32)
+  for k in ("lesion_mask", "tissue"):
+    if k in split:
+      out[k] = split[k].astype(np.uint8)
+  return out
+
+
+def denormalize(image: np.ndarray, contrasts, stats) -> np.ndarray:
+  """Inverse of the normalisation: ``[..., C]`` back to signal units."""
+  offsets = np.asarray([stats[c][0] for c in contrasts], np.float32)
+  scales = np.asarray([stats[c][1] for c in contrasts], np.float32)
+  return np.asarray(image) * scales + offsets
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batcher:
+  """Deterministic, resumable batches from in-memory arrays.
+
+  Batch ``step`` holds positions ``[step*B, (step+1)*B)`` of an endless
+  stream made of one fresh permutation per epoch, so any step can be produced
+  directly. In multi-host runs each process gathers its own slice.
+  """
+
+  arrays: Arrays
+  batch_size: int
+  seed: int
+  keys: Tuple[str, ...] = ("image", "label")
+  process_index: int = 0
+  process_count: int = 1
+
+  def __post_init__(self):
+    if self.batch_size % self.process_count:
+      raise ValueError(f"batch size {self.batch_size} not divisible by "
+                       f"{self.process_count} processes")
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.arrays["image"])
+
+  def indices(self, step: int) -> np.ndarray:
+    """Example indices ``[B_local]`` of this process for ``step``."""
+    n, b = self.num_examples, self.batch_size
+    local = b // self.process_count
+    pos = step * b + self.process_index * local + np.arange(local)
+    epochs, offsets = np.divmod(pos, n)
+    out = np.empty(local, np.int64)
+    for e in np.unique(epochs):
+      sel = epochs == e
+      out[sel] = _epoch_permutation(self.seed, int(e), n)[offsets[sel]]
+    return out
+
+  def batch(self, step: int) -> Arrays:
+    idx = self.indices(step)
+    return {k: self.arrays[k][idx] for k in self.keys if k in self.arrays}
+
+
+def prefetch_to_mesh(batcher: Batcher, start: int, stop: int,
+                     mesh: jax.sharding.Mesh,
+                     size: int = 2) -> Iterator[Dict[str, jax.Array]]:
+  """Yields global sharded batches for steps ``start..stop-1``.
+
+  A daemon thread gathers and transfers up to ``size`` batches ahead, so the
+  host work overlaps device compute.
+  """
+  sharding = sharding_lib.batch_sharding(mesh)
+  q: "queue.Queue" = queue.Queue(maxsize=size)
+  stop_event = threading.Event()
+
+  def produce():
+    try:
+      for step in range(start, stop):
+        if stop_event.is_set():
+          return
+        q.put(sharding_lib.global_batch(batcher.batch(step), sharding))
+      q.put(None)
+    except BaseException as e:  # surfaced in the consumer thread.
+      q.put(e)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = q.get()
+      if item is None:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop_event.set()
+    while not q.empty():
+      q.get_nowait()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+  """What the trainer needs from the data: the batcher and the transform."""
+
+  batcher: Batcher
+  stats: Dict[str, Tuple[float, float]]
+  num_classes: int
+  image_shape: Tuple[int, ...]
+
+
+def make_train_data(data_cfg: ml_collections.ConfigDict,
+                    keys: Tuple[str, ...] = ("image", "label"),
+                    split: Optional[str] = None) -> TrainData:
+  """Reads the training split, computes normalisation and a Batcher."""
+  raw = read_split(data_cfg, split or data_cfg.train_split)
+  stats = normalization_stats(raw, data_cfg)
+  arrays = to_model_arrays(raw, data_cfg, stats)
+  if data_cfg.batch_size % jax.device_count():
+    raise ValueError(f"data.batch_size={data_cfg.batch_size} must be "
+                     f"divisible by the {jax.device_count()} devices")
+  batcher = Batcher(arrays, data_cfg.batch_size, data_cfg.shuffle_seed, keys,
+                    jax.process_index(), jax.process_count())
+  num_classes = int(arrays["label"].max()) + 1 if "label" in arrays else 0
+  return TrainData(batcher, stats, max(num_classes, 2),
+                   arrays["image"].shape[1:])

@@ -1,0 +1,175 @@
+"""Ancestral DDPM and DDIM samplers, and classifier-free guidance.
+
+Samplers loop with ``jax.lax.scan`` so a whole sampling run jits into one
+program. They take ``denoise_fn(x_t [B, ...], t [B] int32) -> output`` where
+``output`` is the network prediction of type ``prediction`` (eps|v|x0).
+
+Classifier-free guidance convention (Ho & Salimans, 2022, with ``w`` as in
+their paper): ``out = out_uncond + (1 + w) (out_cond - out_uncond)``, so
+``w = 0`` is the plain conditional model and ``w > 0`` sharpens towards the
+condition. Guiding the raw output is the same for eps, v and x0 predictions
+because each is affine in the others with weights that sum to one.
+"""
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medgen_jax.diffusion import schedules as sch
+
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _maybe_clip(x0: jax.Array, clip_x0: bool) -> jax.Array:
+  return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
+
+
+def ddpm_sample(denoise_fn: DenoiseFn, schedule: sch.DiffusionSchedule,
+                rng: jax.Array, shape: Sequence[int], prediction: str = "eps",
+                clip_x0: bool = True,
+                x_init: Optional[jax.Array] = None) -> jax.Array:
+  """Ancestral sampling through all ``T`` steps (Ho et al., Alg. 2).
+
+  Uses the posterior ``q(x_{t-1} | x_t, x0_hat)`` with its (clipped) variance;
+  no noise is added at the last step.
+
+  Args:
+    denoise_fn: ``(x_t, t) -> prediction``.
+    schedule: diffusion constants.
+    rng: PRNG key.
+    shape: ``[B, *spatial, C]`` of the samples.
+    prediction: ``eps|v|x0``, what ``denoise_fn`` returns.
+    clip_x0: clip the predicted ``x0`` to ``[-1, 1]`` at every step.
+    x_init: optional ``x_{T-1}`` ``[B, ...]``; standard normal when ``None``.
+
+  Returns:
+    ``[B, *spatial, C]`` float32 samples.
+  """
+  num_t = schedule.num_timesteps
+  init_key, loop_key = jax.random.split(rng)
+  x = (jax.random.normal(init_key, shape, jnp.float32) if x_init is None
+       else x_init.astype(jnp.float32))
+  ts = jnp.arange(num_t - 1, -1, -1, dtype=jnp.int32)
+  keys = jax.random.split(loop_key, num_t)
+
+  def step(x, inputs):
+    t, key = inputs
+    tb = jnp.full((shape[0],), t, jnp.int32)
+    x0, _ = sch.to_x0_eps(schedule, x, tb, denoise_fn(x, tb), prediction)
+    mean = sch.q_posterior_mean(schedule, _maybe_clip(x0, clip_x0), x, tb)
+    std = jnp.exp(0.5 * schedule.posterior_log_variance_clipped[t])
+    noise = jax.random.normal(key, x.shape, jnp.float32)
+    return mean + jnp.where(t > 0, std, 0.0) * noise, None
+
+  x, _ = jax.lax.scan(step, x, (ts, keys))
+  return x
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """``num_steps`` evenly spaced timesteps from ``T-1`` down to ``0``, int32."""
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps must be in [1, {num_timesteps}], "
+                     f"got {num_steps}")
+  # Descending, so one step starts from T-1 (pure noise), not from t = 0.
+  return np.round(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int32)
+
+
+def ddim_sample(denoise_fn: DenoiseFn, schedule: sch.DiffusionSchedule,
+                rng: jax.Array, shape: Sequence[int], num_steps: int = 50,
+                eta: float = 0.0, prediction: str = "eps",
+                clip_x0: bool = True,
+                x_init: Optional[jax.Array] = None) -> jax.Array:
+  """DDIM (Song et al., 2021) on ``num_steps`` evenly spaced timesteps.
+
+  ``eta = 0`` is the deterministic DDIM ODE; ``eta = 1`` matches the ancestral
+  sampler's variance on the sub-sequence. The last step returns ``x0_hat``.
+
+  Args:
+    denoise_fn: ``(x_t, t) -> prediction``.
+    schedule: diffusion constants.
+    rng: PRNG key.
+    shape: ``[B, *spatial, C]`` of the samples.
+    num_steps: static number of network evaluations, ``<= T``.
+    eta: stochasticity (may be traced).
+    prediction: ``eps|v|x0``, what ``denoise_fn`` returns.
+    clip_x0: clip the predicted ``x0`` to ``[-1, 1]`` (eps is then recomputed
+      from the clipped ``x0`` so the update stays consistent).
+    x_init: optional starting ``x_{T-1}``; standard normal when ``None``.
+
+  Returns:
+    ``[B, *spatial, C]`` float32 samples.
+  """
+  ts = ddim_timesteps(schedule.num_timesteps, num_steps)
+  ab = schedule.alphas_cumprod
+  ab_t = ab[ts]
+  # The step after t = ts[-1] (= 0) lands on the clean image: ab_prev = 1.
+  ab_prev = jnp.concatenate([ab[ts[1:]], jnp.ones((1,), ab.dtype)])
+  init_key, loop_key = jax.random.split(rng)
+  x = (jax.random.normal(init_key, shape, jnp.float32) if x_init is None
+       else x_init.astype(jnp.float32))
+  keys = jax.random.split(loop_key, num_steps)
+
+  def step(x, inputs):
+    t, a, a_prev, key = inputs
+    tb = jnp.full((shape[0],), t, jnp.int32)
+    x0, eps = sch.to_x0_eps(schedule, x, tb, denoise_fn(x, tb), prediction)
+    if clip_x0:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+      eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
+    sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
+    dir_coef = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0))
+    noise = jax.random.normal(key, x.shape, jnp.float32)
+    return jnp.sqrt(a_prev) * x0 + dir_coef * eps + sigma * noise, None
+
+  x, _ = jax.lax.scan(step, x, (jnp.asarray(ts), ab_t, ab_prev, keys))
+  return x
+
+
+def drop_labels(rng: jax.Array, labels: jax.Array, p_uncond: float,
+                null_label: int) -> jax.Array:
+  """Replaces each label by ``null_label`` with probability ``p_uncond``.
+
+  Training-time half of classifier-free guidance: one network learns both
+  the conditional and the unconditional (null-label) model.
+
+  Args:
+    rng: PRNG key.
+    labels: ``[B]`` int labels.
+    p_uncond: drop probability.
+    null_label: the extra "no condition" class index.
+
+  Returns:
+    ``[B]`` int32 labels.
+  """
+  drop = jax.random.bernoulli(rng, p_uncond, labels.shape)
+  return jnp.where(drop, null_label, labels).astype(jnp.int32)
+
+
+def guided_denoise_fn(model_fn: Callable[[jax.Array, jax.Array, jax.Array],
+                                         jax.Array],
+                      labels: jax.Array, guidance_scale: float,
+                      null_label: int) -> DenoiseFn:
+  """Classifier-free guided ``denoise_fn`` for a label-conditional model.
+
+  The conditional and unconditional outputs come from ONE network call on the
+  batch concatenated with itself (null labels in the second half).
+
+  Args:
+    model_fn: ``(x_t [B, ...], t [B], y [B]) -> output [B, ...]``.
+    labels: ``[B]`` int labels to condition on.
+    guidance_scale: ``w``; ``0`` gives the conditional output.
+    null_label: the "no condition" class index.
+
+  Returns:
+    ``denoise_fn(x_t, t) = out_u + (1 + w) (out_c - out_u)``.
+  """
+  y = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
+
+  def denoise_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y)
+    out_c, out_u = jnp.split(out, 2)
+    return out_u + (1.0 + guidance_scale) * (out_c - out_u)
+
+  return denoise_fn

@@ -1,0 +1,153 @@
+"""Denoising diffusion (DDPM, Ho et al. 2020) with DDPM/DDIM sampling.
+
+Optional label conditioning with classifier-free guidance (Ho & Salimans,
+2022): labels are dropped to a null class with probability
+``config.method.p_uncond`` during training, and sampling mixes conditional and
+unconditional predictions with ``config.sample.guidance_scale``.
+"""
+
+from typing import Mapping, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from medgen_jax.diffusion import samplers
+from medgen_jax.diffusion import schedules
+from medgen_jax.methods.base import Batch, Metrics
+from medgen_jax.nn.unet import UNet
+from medgen_jax.train.optim import make_optimizer
+from medgen_jax.train.state import TrainState, apply_gradients, create_state
+
+
+class DDPM:
+  """Diffusion model following the :class:`~medgen_jax.methods.base.Method`
+  protocol.
+
+  Attributes:
+    config: the full experiment config.
+    image_shape: ``(H, W, C)`` or ``(D, H, W, C)`` of one image.
+    num_classes: ``0`` when unconditional; the null label is ``num_classes``.
+    model: the :class:`UNet`.
+    schedule: the diffusion constants.
+    tx: the optimizer.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               image_shape: Tuple[int, ...]):
+    self.config = config
+    self.image_shape = tuple(image_shape)
+    self.num_classes = (int(config.data.get("num_classes", 2))
+                        if config.data.cond == "label" else 0)
+    m = config.model
+    self.model = UNet(
+        ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
+        dropout=m.dropout, num_groups=m.num_groups,
+        out_channels=self.image_shape[-1],
+        spatial_dims=len(self.image_shape) - 1,
+        num_classes=self.num_classes, dtype=jnp.dtype(m.dtype))
+    self.prediction = config.method.prediction
+    self.schedule = schedules.make_schedule(config.method.schedule,
+                                            config.method.timesteps)
+    self.tx = make_optimizer(config.optim, config.train.num_steps)
+
+  @property
+  def conditional(self) -> bool:
+    return self.num_classes > 0
+
+  def init(self, rng: jax.Array, batch: Batch) -> TrainState:
+    """Initial state; ``batch`` only provides shapes."""
+    x = jnp.zeros((1,) + self.image_shape, jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if self.conditional else None
+    params = self.model.init({"params": rng}, x, t, y, train=False)["params"]
+    return create_state(params, self.tx, use_ema=self.config.train.ema > 0)
+
+  def loss_fn(self, params, batch: Batch,
+              rng: jax.Array) -> jax.Array:
+    """Mean squared error of the ``eps|v`` prediction at uniform ``t``."""
+    x0 = batch["image"].astype(jnp.float32)
+    t_key, noise_key, label_key, dropout_key = jax.random.split(rng, 4)
+    t = jax.random.randint(t_key, x0.shape[:1], 0,
+                           self.schedule.num_timesteps)
+    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    x_t = schedules.q_sample(self.schedule, x0, t, noise)
+    target = schedules.training_target(self.schedule, x0, t, noise,
+                                       self.prediction)
+    y = None
+    if self.conditional:
+      y = samplers.drop_labels(label_key, batch["label"],
+                               self.config.method.p_uncond, self.num_classes)
+    out = self.model.apply({"params": params}, x_t, t, y, train=True,
+                           rngs={"dropout": dropout_key})
+    return jnp.mean(jnp.square(out - target))
+
+  def train_step(self, state: TrainState, batch: Batch,
+                 rng: jax.Array) -> Tuple[TrainState, Metrics]:
+    """One optimizer step; pure and jit-able."""
+    loss, grads = jax.value_and_grad(self.loss_fn)(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    state = apply_gradients(state, self.tx, grads, ema=self.config.train.ema,
+                            ema_warmup=self.config.train.ema_warmup)
+    return state, {"loss": loss.astype(jnp.float32),
+                   "grad_norm": grad_norm.astype(jnp.float32)}
+
+  def sample(self, state: TrainState, rng: jax.Array, num: int,
+             cond: Optional[Union[Batch, jax.Array]] = None) -> Batch:
+    """``num`` samples (static) with the EMA params when present.
+
+    Args:
+      state: training state.
+      rng: PRNG key.
+      num: number of samples.
+      cond: for a conditional model, ``{"label": [num] int}`` (or the label
+        array itself); ``None`` gives balanced labels ``i % num_classes``.
+
+    Returns:
+      ``{"image": [num, *image_shape] float32 in [-1, 1]}`` plus
+      ``"label": [num] int32`` when conditional.
+    """
+    params = state.ema_params if state.ema_params is not None else state.params
+    s = self.config.sample
+    labels = None
+
+    def model_fn(x, t, y=None):
+      return self.model.apply({"params": params}, x, t, y, train=False)
+
+    if self.conditional:
+      if cond is None:
+        labels = jnp.arange(num, dtype=jnp.int32) % self.num_classes
+      else:
+        labels = cond["label"] if isinstance(cond, Mapping) else cond
+        labels = jnp.asarray(labels, jnp.int32)
+      if s.guidance_scale == 0:
+        # w = 0 is the conditional model: skip the doubled batch.
+        denoise_fn = lambda x, t: model_fn(x, t, labels)
+      else:
+        denoise_fn = samplers.guided_denoise_fn(
+            model_fn, labels, s.guidance_scale, self.num_classes)
+    else:
+      denoise_fn = model_fn
+
+    shape = (num,) + self.image_shape
+    clip_x0 = s.get("clip_x0", True)
+    if s.sampler == "ddpm":
+      x = samplers.ddpm_sample(denoise_fn, self.schedule, rng, shape,
+                               self.prediction, clip_x0)
+    elif s.sampler == "ddim":
+      x = samplers.ddim_sample(denoise_fn, self.schedule, rng, shape,
+                               num_steps=s.steps, eta=s.eta,
+                               prediction=self.prediction, clip_x0=clip_x0)
+    else:
+      raise ValueError(f"sample.sampler must be ddpm|ddim, got {s.sampler!r}")
+    out = {"image": jnp.clip(x, -1.0, 1.0)}
+    if labels is not None:
+      out["label"] = labels
+    return out
+
+
+def make(config: ml_collections.ConfigDict, example_batch: Batch) -> DDPM:
+  """Builds the method; image shape comes from ``example_batch["image"]``."""
+  return DDPM(config, tuple(example_batch["image"].shape[1:]))

@@ -1,0 +1,233 @@
+"""Building blocks shared by every network, in 2D and 3D.
+
+Images are channels-last: ``[B, H, W, C]`` when ``spatial_dims == 2`` and
+``[B, D, H, W, C]`` when ``spatial_dims == 3``. Every module takes a compute
+``dtype`` (e.g. ``jnp.bfloat16``) while parameters stay ``float32``.
+
+All convolutions of all networks go through :class:`Conv` (and its lowering
+:func:`conv_nd`), so a faster lowering can be swapped in one place.
+"""
+
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# Ho et al. (2020) initialise every layer with this fan-avg uniform init.
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+# Last layer of each residual branch starts at zero, so every block is the
+# identity at init (as in ADM); deep U-Nets then train stably without tuning.
+zero_init = nn.initializers.zeros
+
+
+def conv_nd(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+  """N-d convolution with symmetric "same" padding (odd kernels).
+
+  This is the single lowering used by every convolution in the library.
+
+  Args:
+    x: ``[B, *spatial, C_in]``.
+    kernel: ``[*k, C_in, C_out]`` (flax's ``nn.Conv`` layout).
+    strides: the same stride on every spatial axis.
+
+  Returns:
+    ``[B, *ceil(spatial / strides), C_out]``.
+  """
+  n = kernel.ndim - 2
+  # Symmetric padding (as in PyTorch) instead of XLA's "SAME", which pads
+  # strided convs asymmetrically; halves even sides exactly either way.
+  padding = [((k - 1) // 2, k // 2) for k in kernel.shape[:n]]
+  spatial = "DHW"[-n:]
+  dimension_numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(strides,) * n, padding=padding,
+      dimension_numbers=dimension_numbers)
+
+
+class Conv(nn.Module):
+  """Convolution with ``nn.Conv``'s parameters (``kernel``, ``bias``).
+
+  Attributes:
+    features: output channels.
+    kernel_size: side of the (cubic) kernel; odd.
+    strides: stride on every spatial axis.
+    spatial_dims: 2 or 3.
+    use_bias: add a learned bias.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    kernel_init: initializer of the ``[*k, C_in, C_out]`` kernel.
+  """
+
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  spatial_dims: int = 2
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = default_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[B, *spatial, C_in]`` -> ``[B, *spatial / strides, features]``."""
+    if x.ndim != self.spatial_dims + 2:
+      raise ValueError(f"Conv with spatial_dims={self.spatial_dims} expects "
+                       f"{self.spatial_dims + 2}-d input, got {x.shape}")
+    shape = (self.kernel_size,) * self.spatial_dims + (x.shape[-1],
+                                                       self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+    y = conv_nd(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def group_norm(channels: int, num_groups: int, dtype: Dtype = jnp.float32,
+               name: Optional[str] = None) -> nn.GroupNorm:
+  """GroupNorm with the largest group count ``<= num_groups`` dividing
+  ``channels`` (so tiny test models need no special-casing).
+
+  Statistics are reduced in float32 even for a bf16 ``dtype``.
+  """
+  groups = min(num_groups, channels)
+  while channels % groups:
+    groups -= 1
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+def timestep_embedding(t: jax.Array, dim: int,
+                       max_period: float = 10_000.0) -> jax.Array:
+  """Sinusoidal embedding of (float or integer) timesteps.
+
+  Args:
+    t: ``[B]`` timesteps.
+    dim: embedding size (even).
+    max_period: the lowest frequency is ``1 / max_period``.
+
+  Returns:
+    ``[B, dim]`` float32, ``[cos(t f_i), sin(t f_i)]`` with geometric ``f_i``
+    in ``[1 / max_period, 1]``; tuned for ``t`` in ``[0, 1000]``, so scale
+    continuous times in ``[0, 1]`` up first.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+                  / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class ResBlock(nn.Module):
+  """Pre-activation residual block with an additive time/class embedding.
+
+  ``GN -> SiLU -> Conv -> (+ Dense(emb)) -> GN -> SiLU -> Dropout -> Conv``,
+  plus a 1x1 conv on the skip path when the channel count changes.
+
+  Attributes:
+    out_ch: output channels.
+    num_groups: GroupNorm groups.
+    dropout: dropout rate before the second conv.
+    spatial_dims: 2 or 3.
+    dtype: compute dtype.
+  """
+
+  out_ch: int
+  num_groups: int = 32
+  dropout: float = 0.0
+  spatial_dims: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array,
+               train: bool = False) -> jax.Array:
+    """``x [B, *spatial, C]``, ``emb [B, E]`` -> ``[B, *spatial, out_ch]``."""
+    conv = functools.partial(Conv, self.out_ch, spatial_dims=self.spatial_dims,
+                             dtype=self.dtype)
+    h = nn.silu(group_norm(x.shape[-1], self.num_groups, self.dtype)(x))
+    h = conv()(h)
+    e = nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=default_init)(
+        nn.silu(emb))
+    h = h + e.reshape(e.shape[:1] + (1,) * self.spatial_dims + e.shape[1:])
+    h = nn.silu(group_norm(self.out_ch, self.num_groups, self.dtype)(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = conv(kernel_init=zero_init)(h)
+    if x.shape[-1] != self.out_ch:
+      x = conv(kernel_size=1)(x)
+    return x.astype(self.dtype) + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over all spatial positions, residual.
+
+  Attributes:
+    num_heads: attention heads; must divide the channel count.
+    num_groups: GroupNorm groups.
+    dtype: compute dtype (softmax is always float32).
+  """
+
+  num_heads: int = 4
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[B, *spatial, C]`` -> ``[B, *spatial, C]``."""
+    ch = x.shape[-1]
+    if ch % self.num_heads:
+      raise ValueError(f"{ch} channels not divisible by {self.num_heads} heads")
+    h = group_norm(ch, self.num_groups, self.dtype)(x)
+    h = einops.rearrange(h, "b ... c -> b (...) c")
+    qkv = nn.Dense(3 * ch, dtype=self.dtype, kernel_init=default_init,
+                   name="qkv")(h)
+    q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b n h d",
+                               three=3, h=self.num_heads)
+    # jax picks the fastest lowering (e.g. cuDNN flash attention on GPU).
+    h = jax.nn.dot_product_attention(q, k, v)
+    h = einops.rearrange(h, "b n h d -> b n (h d)")
+    h = nn.Dense(ch, dtype=self.dtype, kernel_init=zero_init, name="proj")(h)
+    return x.astype(self.dtype) + h.reshape(x.shape).astype(self.dtype)
+
+
+class Downsample(nn.Module):
+  """Halves every spatial side with a stride-2 3x3 conv."""
+
+  out_ch: int
+  spatial_dims: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[B, *spatial, C]`` -> ``[B, *spatial / 2, out_ch]``."""
+    return Conv(self.out_ch, 3, strides=2, spatial_dims=self.spatial_dims,
+                dtype=self.dtype)(x)
+
+
+class Upsample(nn.Module):
+  """Doubles every spatial side: nearest-neighbour resize then 3x3 conv.
+
+  Resize-then-conv avoids the checkerboard artefacts of transposed convs.
+  """
+
+  out_ch: int
+  spatial_dims: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[B, *spatial, C]`` -> ``[B, *spatial * 2, out_ch]``."""
+    for axis in range(1, 1 + self.spatial_dims):
+      x = jnp.repeat(x, 2, axis=axis)
+    return Conv(self.out_ch, 3, spatial_dims=self.spatial_dims,
+                dtype=self.dtype)(x)

@@ -1,0 +1,50 @@
+"""Optimizers and learning-rate schedules from a config section."""
+
+import ml_collections
+import optax
+
+
+def make_schedule(cfg: ml_collections.ConfigDict,
+                  num_steps: int) -> optax.Schedule:
+  """Linear warm-up into ``constant``, ``cosine`` or ``linear`` decay."""
+  warmup = int(cfg.get("warmup_steps", 0))
+  decay_steps = max(num_steps - warmup, 1)
+  if cfg.schedule == "constant":
+    main = optax.constant_schedule(cfg.lr)
+  elif cfg.schedule == "cosine":
+    main = optax.cosine_decay_schedule(cfg.lr, decay_steps,
+                                       alpha=cfg.get("final_lr_frac", 0.0))
+  elif cfg.schedule == "linear":
+    main = optax.linear_schedule(cfg.lr, cfg.lr * cfg.get("final_lr_frac", 0.0),
+                                 decay_steps)
+  else:
+    raise ValueError(f"optim.schedule must be constant|cosine|linear, "
+                     f"got {cfg.schedule!r}")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   num_steps: int) -> optax.GradientTransformation:
+  """Builds ``cfg.name`` (adam|adamw|sgd) with optional global-norm clipping.
+
+  Args:
+    cfg: the ``optim`` config section: name, lr, schedule, warmup_steps,
+      weight_decay, b1, b2, grad_clip (0 disables clipping).
+    num_steps: total training steps, for the decay schedule.
+  """
+  lr = make_schedule(cfg, num_steps)
+  if cfg.name == "adamw":
+    opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2,
+                      weight_decay=cfg.weight_decay)
+  elif cfg.name == "adam":
+    opt = optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
+  elif cfg.name == "sgd":
+    opt = optax.sgd(lr, momentum=cfg.b1)
+  else:
+    raise ValueError(f"optim.name must be adam|adamw|sgd, got {cfg.name!r}")
+  if cfg.grad_clip and cfg.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+  return opt

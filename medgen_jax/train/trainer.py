@@ -1,0 +1,276 @@
+"""The generic training loop: any method, any mesh.
+
+The trainer owns everything a method should not care about: the mesh and
+shardings, jit, checkpoint/resume, EMA (through the method's update), metric
+writing, progress reporting and periodic sample grids. Steps, data order and
+per-step PRNG keys are functions of the step number, so a resumed run
+continues exactly where the last checkpoint left it.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from clu import metrics as clu_metrics
+from clu import parameter_overview
+from clu import periodic_actions
+
+from medgen_jax import viz
+from medgen_jax.data import pipeline
+from medgen_jax.methods import base as methods
+from medgen_jax.train import checkpoint
+from medgen_jax.train import sharding as sharding_lib
+
+PyTree = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when a logged training metric becomes NaN or Inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything built from a config before the first compilation."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  data: pipeline.TrainData
+  method: methods.Method
+  abstract_state: PyTree
+  state_shardings: PyTree
+  init_rng: jax.Array
+  train_rng: jax.Array
+  sample_rng: jax.Array
+
+
+def example_batch(data: pipeline.TrainData,
+                  mesh: jax.sharding.Mesh) -> Dict[str, jax.Array]:
+  """The step-0 global batch; methods use it for shapes only."""
+  return sharding_lib.global_batch(data.batcher.batch(0),
+                                   sharding_lib.batch_sharding(mesh))
+
+
+def build_experiment(config: ml_collections.ConfigDict,
+                     devices=None) -> Experiment:
+  """Mesh, data, method and state layout (traces shapes, compiles nothing).
+
+  ``devices`` restricts the mesh (default: all devices).
+  """
+  mesh = sharding_lib.make_mesh(config.train, devices)
+  data = pipeline.make_train_data(config.data)
+  batch = example_batch(data, mesh)
+  method = methods.build(config, batch)
+  init_rng, train_rng, sample_rng = jax.random.split(
+      jax.random.key(config.seed), 3)
+  abstract_state = jax.eval_shape(method.init, init_rng, batch)
+  shardings = sharding_lib.state_shardings(mesh, abstract_state, config.train)
+  return Experiment(config, mesh, data, method, abstract_state, shardings,
+                    init_rng, train_rng, sample_rng)
+
+
+def jit_train_step(exp: Experiment) -> Callable:
+  """The method's train step, jitted over the mesh; donates the old state."""
+  return jax.jit(
+      exp.method.train_step,
+      in_shardings=(exp.state_shardings, sharding_lib.batch_sharding(exp.mesh),
+                    sharding_lib.replicated(exp.mesh)),
+      out_shardings=(exp.state_shardings, sharding_lib.replicated(exp.mesh)),
+      donate_argnums=(0,))
+
+
+def init_state(exp: Experiment) -> PyTree:
+  batch = example_batch(exp.data, exp.mesh)
+  init = jax.jit(exp.method.init, out_shardings=exp.state_shardings)
+  return init(exp.init_rng, batch)
+
+
+def checkpoint_meta(exp: Experiment) -> Dict[str, Any]:
+  return {"normalization": {k: list(v) for k, v in exp.data.stats.items()},
+          "contrasts": list(exp.config.data.contrasts),
+          "image_shape": list(exp.data.image_shape),
+          "method": exp.config.method.name}
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+  """Drops lines written after ``last_step`` by a run that was killed.
+
+  Those steps are re-run (deterministically) after resuming, so keeping them
+  would show every such step twice.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip()]
+  kept = []
+  for l in lines:
+    try:
+      if json.loads(l).get("step", 0) <= last_step:
+        kept.append(l)
+    except json.JSONDecodeError:
+      pass  # a line cut by SIGKILL mid-write.
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+def _append_jsonl(path: str, record: Dict[str, Any]) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _average_metrics(names) -> type:
+  return clu_metrics.Collection.create(
+      **{k: clu_metrics.Average.from_output(k) for k in names})
+
+
+def write_sample_grid(exp: Experiment, state: PyTree, sample_fn: Callable,
+                      path: str, num: int) -> np.ndarray:
+  """Samples ``num`` images with a fixed key, saves the grid PNG, returns it."""
+  out = sample_fn(state, exp.sample_rng, num)
+  images = np.asarray(jax.device_get(out["image"]))
+  grid = viz.image_grid(images, exp.config.data.spatial_dims)
+  viz.save_png(grid, path)
+  return grid
+
+
+def restore_or_init(exp: Experiment, mngr) -> Tuple[int, PyTree]:
+  """Latest checkpoint in the workdir if any, else a fresh state."""
+  if mngr.latest_step() is not None:
+    step, state, _ = checkpoint.restore(mngr, exp.abstract_state,
+                                        exp.state_shardings)
+    logging.info("Resumed from checkpoint step %d in %s", step,
+                 mngr.directory)
+    return step, state
+  return 0, init_state(exp)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains ``config.method`` until ``config.train.num_steps``.
+
+  Writes to ``workdir``: ``config.json``, ``checkpoints/``, TensorBoard
+  events, ``metrics.jsonl`` and ``samples/step_N.png``.
+
+  Returns:
+    A summary: final step, last logged metrics, wall time, sample PNG paths.
+  """
+  tc = config.train
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  exp = build_experiment(config)
+  mngr = checkpoint.manager(workdir, keep=tc.keep_ckpts)
+  start, state = restore_or_init(exp, mngr)
+  meta = checkpoint_meta(exp)
+  _write_json(os.path.join(workdir, "data_stats.json"), meta)
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+  _truncate_jsonl(jsonl, start)
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if start == 0:
+    parameter_overview.log_parameter_overview(state.params)
+    writer.write_hparams(_flat_hparams(config))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("%s: %.2fM parameters, %d training examples, mesh %s",
+               config.method.name, n_params / 1e6,
+               exp.data.batcher.num_examples, dict(exp.mesh.shape))
+
+  train_step = jit_train_step(exp)
+  sample_fn = jax.jit(exp.method.sample, static_argnums=2)
+  report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps,
+                                           writer=writer)
+  collection, acc, last = None, None, {}
+  samples: List[str] = []
+  t0 = time.time()
+  step = start
+  batches = pipeline.prefetch_to_mesh(exp.data.batcher, start, tc.num_steps,
+                                      exp.mesh)
+  try:
+    for step, batch in enumerate(batches, start=start + 1):
+      rng = jax.random.fold_in(exp.train_rng, step)
+      state, m = train_step(state, batch, rng)
+      if collection is None:
+        collection = _average_metrics(sorted(m))
+      one = collection.single_from_model_output(**m)
+      acc = one if acc is None else acc.merge(one)
+      report(step)
+      if step % tc.log_every == 0 or step == tc.num_steps:
+        last = {k: float(v) for k, v in acc.compute().items()}
+        acc = None
+        if not all(np.isfinite(v) for v in last.values()):
+          raise NonFiniteLossError(
+              f"non-finite training metrics at step {step}: {last}. The last "
+              f"good checkpoint is step {mngr.latest_step()} in {workdir}; "
+              "lower optim.lr, keep optim.grad_clip > 0, or check the data "
+              "normalisation.")
+        writer.write_scalars(step, last)
+        _append_jsonl(jsonl, {"step": step, "split": "train", **last})
+      if step % tc.ckpt_every == 0 or step == tc.num_steps:
+        with report.timed("checkpoint"):
+          checkpoint.save(mngr, step, state, meta)
+      if tc.sample_every and (step % tc.sample_every == 0 or
+                              step == tc.num_steps):
+        with report.timed("sample"):
+          path = os.path.join(workdir, "samples", f"step_{step}.png")
+          grid = write_sample_grid(exp, state, sample_fn, path,
+                                   tc.num_grid_samples)
+          writer.write_images(step, {"samples": grid[None]})
+          samples.append(path)
+  except KeyboardInterrupt:
+    # SIGINT/SIGTERM-as-KeyboardInterrupt: keep the work done so far.
+    logging.warning("Interrupted at step %d; saving a checkpoint.", step)
+    if step > (mngr.latest_step() or 0):
+      checkpoint.save(mngr, step, state, meta)
+    raise
+  finally:
+    mngr.wait_until_finished()
+    writer.flush()
+  return {"step": int(step), "metrics": last, "seconds": time.time() - t0,
+          "samples": samples, "workdir": workdir}
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  flat = {}
+
+  def walk(prefix, node):
+    for k, v in node.items():
+      key = f"{prefix}{k}"
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        walk(key + ".", v)
+      elif isinstance(v, (int, float, str, bool)):
+        flat[key] = v
+      else:
+        flat[key] = str(v)
+
+  walk("", config)
+  return flat
+
+
+def load_for_sampling(config: ml_collections.ConfigDict, workdir: str,
+                      step: Optional[int] = None):
+  """Experiment and restored state from a trained workdir (for sample/eval)."""
+  exp = build_experiment(config)
+  mngr = checkpoint.manager(workdir, keep=config.train.keep_ckpts,
+                            async_save=False)
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(
+        f"no checkpoint in {workdir}/checkpoints; train first with "
+        "--mode=train")
+  step, state, meta = checkpoint.restore(mngr, exp.abstract_state,
+                                         exp.state_shardings, step)
+  return exp, step, state, meta

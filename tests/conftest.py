@@ -1,0 +1,30 @@
+"""Shared fixtures: a per-session data dir and the persistent XLA cache."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from medgen_jax import runtime  # pylint: disable=wrong-import-position
+
+runtime.enable_compilation_cache()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """Phantom data sets built once per test session."""
+  return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config(data_dir):
+  """The DDPM runlocal config on the session data dir (unlocked copy)."""
+  from configs import ddpm  # pylint: disable=import-outside-toplevel
+  c = ddpm.get_config("res=16,runlocal")
+  c.data.data_dir = data_dir
+  c.data.num_subjects = 5
+  return c

@@ -1,0 +1,145 @@
+"""The generic trainer: resume, NaN handling, kill-and-resume, sampling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medgen_jax import commands
+from medgen_jax.methods import base as methods
+from medgen_jax.train import checkpoint, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(tiny_config, **train):
+  c = tiny_config.copy_and_resolve_references()
+  c.train.update(sample_every=0, log_every=1, ckpt_every=2, **train)
+  return c
+
+
+def _params(workdir, config):
+  _, step, state, _ = trainer.load_for_sampling(config, str(workdir))
+  return step, jax.device_get(state.params)
+
+
+def _jsonl(path):
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_config,
+                                                            tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  trainer.train(_config(tiny_config, num_steps=4), str(a))
+  out = trainer.train(_config(tiny_config, num_steps=6), str(a))  # resumes
+  trainer.train(_config(tiny_config, num_steps=6), str(b))
+  assert out["step"] == 6
+  step_a, pa = _params(a, _config(tiny_config, num_steps=6))
+  step_b, pb = _params(b, _config(tiny_config, num_steps=6))
+  assert step_a == step_b == 6
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  la, lb = _jsonl(a / "metrics.jsonl"), _jsonl(b / "metrics.jsonl")
+  assert [r["step"] for r in la] == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb],
+                             rtol=1e-5)
+  assert os.path.exists(a / "config.json")
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(a))
+
+
+class _NaNAfter:
+  """Wraps a method so its loss turns NaN from a given step on."""
+
+  def __init__(self, method, step):
+    self._m, self._step = method, step
+
+  def init(self, rng, batch):
+    return self._m.init(rng, batch)
+
+  def sample(self, state, rng, num, cond=None):
+    return self._m.sample(state, rng, num, cond)
+
+  def train_step(self, state, batch, rng):
+    new, m = self._m.train_step(state, batch, rng)
+    m = dict(m, loss=jnp.where(state.step >= self._step, jnp.nan, m["loss"]))
+    return new, m
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(
+    tiny_config, tmp_path, monkeypatch):
+  real_build = methods.build
+  monkeypatch.setattr(methods, "build",
+                      lambda c, b: _NaNAfter(real_build(c, b), 4))
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r"step 5: .*last good checkpoint is step 4"):
+    trainer.train(_config(tiny_config, num_steps=8), str(tmp_path))
+  mngr = checkpoint.manager(str(tmp_path), async_save=False)
+  assert mngr.all_steps() == [2, 4]
+  assert [r["step"] for r in _jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_checkpoint_refuses_non_finite_params(tmp_path):
+  state = type("S", (), {"params": {"w": jnp.array([1.0, jnp.inf])}})()
+  mngr = checkpoint.manager(str(tmp_path), async_save=False)
+  with pytest.raises(FloatingPointError, match="contain NaN/Inf"):
+    checkpoint.save(mngr, 1, state, {})
+  assert mngr.all_steps() == []
+
+
+def test_sigkill_then_rerun_resumes_and_sample_mode(tiny_config, tmp_path):
+  """The acceptance scenario, through launch.py in a subprocess."""
+  env = dict(os.environ, MEDGEN_DATA_DIR=tiny_config.data.data_dir)
+
+  def args(num_steps, sample_every, *extra):
+    return [sys.executable, "launch.py",
+            "--config=configs/ddpm.py:res=16,runlocal",
+            "--config.data.num_subjects=5",
+            f"--config.train.num_steps={num_steps}",
+            "--config.train.ckpt_every=2", "--config.train.log_every=1",
+            f"--config.train.sample_every={sample_every}",
+            f"--workdir={tmp_path}", *extra]
+
+  proc = subprocess.Popen(args(400, 0), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+  ckpts = tmp_path / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    done = [d for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
+    if len(done) >= 2:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  before = {r["step"]: r["loss"] for r in _jsonl(tmp_path / "metrics.jsonl")}
+
+  final = killed_at + 4
+  r = subprocess.run(args(final, 4), cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=400)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"Resumed from checkpoint step {killed_at}" in r.stderr
+  assert f"final step" in r.stdout and str(final) in r.stdout
+  rows = _jsonl(tmp_path / "metrics.jsonl")
+  assert [x["step"] for x in rows] == list(range(1, final + 1))
+  for x in rows:  # the curve before the kill is kept as it was
+    if x["step"] <= killed_at:
+      assert x["loss"] == before[x["step"]]
+  assert os.path.exists(tmp_path / "samples" / f"step_{final}.png")
+
+  r = subprocess.run(args(final, 4, "--mode=sample", "--config.sample.num=6"),
+                     cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=400)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with np.load(tmp_path / "samples" / f"final_step_{final}.npz") as z:
+    assert z["image"].shape == (6, 16, 16, 1)
+    assert np.isfinite(z["image"]).all() and np.abs(z["image"]).max() <= 1.0
+    assert z["image_signal"].shape == (6, 16, 16, 1)

@@ -1,0 +1,153 @@
+"""Tests for medgen_jax.nn.layers and medgen_jax.nn.unet (tiny models)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medgen_jax.diffusion import samplers
+from medgen_jax.nn import layers
+from medgen_jax.nn.unet import UNet
+
+TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, num_heads=2,
+            num_groups=4)
+
+
+def random_params(module, *args, seed=0):
+  """Random params with ``module.init``'s structure, drawn with numpy.
+
+  Compiling ``init`` costs ~10 s per tiny net on CPU (one threefry program
+  per parameter), and zero-initialised output layers would make every net
+  output 0; numpy params avoid both. Scales keep activations O(1).
+  """
+  shapes = jax.eval_shape(module.init, jax.random.key(0), *args)
+  rng = np.random.default_rng(seed)
+
+  def draw(leaf):
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 25
+    return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in),
+                       leaf.dtype)
+
+  return jax.tree.map(draw, shapes)
+
+
+def _build(model, x, y=None):
+  """Random params and a jitted apply."""
+  params = random_params(model, x, jnp.zeros(x.shape[:1]), y)["params"]
+  apply = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+  return params, apply
+
+
+@pytest.fixture(scope="module")
+def cond2d():
+  model = UNet(**TINY, attn_resolutions=(4,), num_classes=2)
+  x = jax.random.normal(jax.random.key(2), (4, 8, 8, 2))
+  params, apply = _build(model, x, jnp.zeros((4,), jnp.int32))
+  return model, params, apply, x
+
+
+def test_conv_matches_flax_conv():
+  for dims in (2, 3):
+    x = jax.random.normal(jax.random.key(0), (2,) + (6,) * dims + (3,))
+    ours = layers.Conv(5, 3, spatial_dims=dims)
+    ref = nn.Conv(5, (3,) * dims, padding="SAME")
+    p = random_params(ours, x)
+    assert (jax.tree.map(jnp.shape, p) ==
+            jax.tree.map(jnp.shape, jax.eval_shape(ref.init,
+                                                   jax.random.key(0), x)))
+    np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x),
+                               rtol=1e-5, atol=1e-5)
+  down = layers.Conv(4, 3, strides=2, spatial_dims=2)
+  x = jnp.ones((1, 8, 8, 3))
+  assert down.apply(random_params(down, x), x).shape == (1, 4, 4, 4)
+
+
+def test_timestep_embedding():
+  emb = layers.timestep_embedding(jnp.array([0, 5, 999]), 16)
+  assert emb.shape == (3, 16) and emb.dtype == jnp.float32
+  np.testing.assert_allclose(emb[0], np.r_[np.ones(8), np.zeros(8)])
+  # Float timesteps give the same embedding as the equal integers.
+  np.testing.assert_allclose(
+      layers.timestep_embedding(jnp.array([5.0]), 16)[0], emb[1], rtol=1e-6)
+
+
+def test_attention_is_per_sample_and_permutation_equivariant():
+  block = layers.AttentionBlock(num_heads=2, num_groups=4)
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+  apply = jax.jit(block.apply)
+  p = random_params(block, x)
+  out = apply(p, x)
+  # No positional encoding: permuting positions permutes the output.
+  perm = apply(p, x[:, ::-1, ::-1])
+  np.testing.assert_allclose(perm, out[:, ::-1, ::-1], rtol=1e-5, atol=1e-5)
+  # Batch elements do not see each other.
+  other = apply(p, x.at[1].set(0.0))
+  np.testing.assert_allclose(other[0], out[0], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out, x, atol=1e-3)
+
+
+def test_unet_conditional_2d(cond2d):
+  model, params, apply, x = cond2d
+  t = jnp.array([0, 10, 500, 999])
+  out = apply(params, x, t, jnp.array([0, 1, 2, 1]))
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  assert np.isfinite(np.asarray(out)).all()
+  # y=None means the null label; labels change the output.
+  null = jnp.full((4,), 2, jnp.int32)
+  np.testing.assert_allclose(apply(params, x, t, None),
+                             apply(params, x, t, null), rtol=1e-6)
+  assert not np.allclose(apply(params, x, t, jnp.zeros((4,), jnp.int32)),
+                         apply(params, x, t, jnp.ones((4,), jnp.int32)))
+  assert "class_embed" in params
+  assert params["class_embed"]["embedding"].shape == (3, 4 * model.ch)
+
+
+def test_cfg_with_zero_scale_is_conditional(cond2d):
+  _, params, apply, x = cond2d
+  t = jnp.full((4,), 300, jnp.int32)
+  y = jnp.array([0, 1, 0, 1])
+  model_fn = lambda x, t, y: apply(params, x, t, y)
+  cond = model_fn(x, t, y)
+  guided = samplers.guided_denoise_fn(model_fn, y, 0.0, null_label=2)(x, t)
+  np.testing.assert_allclose(guided, cond, rtol=1e-5, atol=1e-5)
+  uncond = model_fn(x, t, jnp.full_like(y, 2))
+  guided = samplers.guided_denoise_fn(model_fn, y, 3.0, null_label=2)(x, t)
+  np.testing.assert_allclose(guided, uncond + 4.0 * (cond - uncond),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_unet_unconditional_3d_and_out_channels():
+  model = UNet(**TINY, attn_resolutions=(4,), spatial_dims=3, out_channels=3)
+  x = jnp.ones((2, 8, 8, 8, 1))
+  params, apply = _build(model, x)
+  out = apply(params, x, jnp.array([1.5, 7.0]), None)
+  assert out.shape == (2, 8, 8, 8, 3) and out.dtype == jnp.float32
+  assert params["Conv_0"]["kernel"].shape == (3, 3, 3, 1, 8)
+  with pytest.raises(ValueError, match="unconditional"):
+    jax.eval_shape(apply, params, x, jnp.zeros((2,)), jnp.zeros((2,), int))
+
+
+def test_unet_bfloat16_params_stay_float32(cond2d):
+  _, params, apply, x = cond2d
+  model = UNet(**TINY, attn_resolutions=(4,), num_classes=2,
+               dtype=jnp.bfloat16)
+  t, y = jnp.array([0, 10, 500, 999]), jnp.array([0, 1, 2, 1])
+  p16 = jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(p16))
+  # Same float32 params, bf16 compute: close to the float32 output.
+  out = jax.jit(lambda p: model.apply({"params": p}, x, t, y))(params)
+  assert out.dtype == jnp.float32
+  ref = apply(params, x, t, y)
+  assert float(jnp.max(jnp.abs(out - ref))) < 0.1 * float(
+      jnp.max(jnp.abs(ref)))
+
+
+def test_unet_rejects_bad_shapes():
+  model = UNet(**TINY, attn_resolutions=())
+  with pytest.raises(ValueError, match="divisible"):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 6, 7, 1)),
+                   jnp.zeros((1,)))
+  with pytest.raises(ValueError, match="spatial_dims"):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8, 8, 8, 1)),
+                   jnp.zeros((1,)))
