@@ -33,7 +33,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       ch=64 if a.res >= 64 else 32,
       ch_mult=(1, 2, 2, 2) if a.res >= 64 else (1, 2, 2),
-      num_res_blocks=2,
+      # One block per level keeps the 32x32 default trainable on a CPU.
+      num_res_blocks=2 if a.res >= 64 else 1,
       attn_resolutions=(16,) if a.res >= 32 else (),
       num_heads=4,
       dropout=0.0,
@@ -56,9 +57,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       num=64,
       batch_size=64,
   ))
-  c.optim.lr = 2e-4
-  c.train.num_steps = 3_000
-  c.train.sample_every = 1_000
+  c.optim.lr = 2e-4 if a.res >= 64 else 5e-4
+  c.train.num_steps = 20_000 if a.res >= 64 else 1_500
+  c.train.sample_every = 500
   c.train.ckpt_every = 250
   if a.runlocal:
     c.data.num_subjects = 10

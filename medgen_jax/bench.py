@@ -124,7 +124,7 @@ def run(config) -> Dict[str, Any]:
     sample_compiled = sample_fn.lower(state, rng, n).compile()
     res["sample_compile_s"] = time.perf_counter() - t
     _, stimes = _timed(lambda: jax.block_until_ready(
-        sample_compiled(state, rng, n)), _SAMPLE_REPEATS.value)
+        sample_compiled(state, rng)), _SAMPLE_REPEATS.value)
     res["sample_batch"] = n
     res["sample_steps"] = config.sample.steps
     res["sample_s"] = statistics.median(stimes)

@@ -31,12 +31,12 @@ def _tiny_config(arg="runlocal,res=8,cond=label"):
 
 
 def _batch(shape=(8, 8, 8, 1)):
-  x = jnp.linspace(-1.0, 1.0, int(np.prod(shape[1:])))
-  image = jnp.broadcast_to(x.reshape(shape[1:]), shape)
-  image = image * jnp.where(jnp.arange(shape[0]) % 2, 1.0, -1.0).reshape(
-      (-1,) + (1,) * (len(shape) - 1))
-  return {"image": image.astype(jnp.float32),
-          "label": (jnp.arange(shape[0]) % 2).astype(jnp.int32)}
+  """Ramps with alternating sign, labelled by sign (numpy: no compiles)."""
+  ramp = np.linspace(-1.0, 1.0, int(np.prod(shape[1:]))).reshape(shape[1:])
+  sign = np.where(np.arange(shape[0]) % 2, 1.0, -1.0)
+  image = sign.reshape((-1,) + (1,) * len(shape[1:])) * ramp
+  return {"image": image.astype(np.float32),
+          "label": (np.arange(shape[0]) % 2).astype(np.int32)}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_sample_conditional(trained):
   assert float(jnp.max(jnp.abs(out["image"]))) <= 1.0
   np.testing.assert_array_equal(out["label"], [0, 1, 0, 1])
   assert out["label"].dtype == jnp.int32
-  cond = {"label": jnp.array([1, 1, 0, 0], jnp.int32)}
+  cond = {"label": np.array([1, 1, 0, 0], np.int32)}
   out2 = sample(state, jax.random.key(0), 4, cond)
   np.testing.assert_array_equal(out2["label"], cond["label"])
   # Same rng, hence the same x_T: samples depend only on their own noise and
@@ -136,7 +136,7 @@ def test_ddpm_sampler_and_no_ema_shapes(trained):
 def test_unconditional_3d_v_prediction_shapes():
   config = _tiny_config("runlocal,res=8,dims=3")
   config.method.prediction = "v"
-  batch = {"image": jnp.zeros((2, 8, 8, 8, 2))}
+  batch = {"image": np.zeros((2, 8, 8, 8, 2), np.float32)}
   method = ddpm.make(config, batch)
   assert method.num_classes == 0 and method.model.spatial_dims == 3
   state = jax.eval_shape(method.init, jax.random.key(0), batch)

@@ -34,33 +34,36 @@ def random_params(module, *args, seed=0):
 
 def _build(model, x, y=None):
   """Random params and a jitted apply."""
-  params = random_params(model, x, jnp.zeros(x.shape[:1]), y)["params"]
+  params = random_params(model, x, np.zeros(x.shape[:1]), y)["params"]
   apply = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
   return params, apply
 
 
 @pytest.fixture(scope="module")
 def cond2d():
+  """Conditional 2D net; every call uses batch 4 so apply compiles once."""
   model = UNet(**TINY, attn_resolutions=(4,), num_classes=2)
-  x = jax.random.normal(jax.random.key(2), (4, 8, 8, 2))
-  params, apply = _build(model, x, jnp.zeros((4,), jnp.int32))
+  x = np.random.default_rng(2).normal(size=(4, 8, 8, 2)).astype(np.float32)
+  params, apply = _build(model, x, np.zeros((4,), np.int32))
   return model, params, apply, x
 
 
 def test_conv_matches_flax_conv():
+  rng = np.random.default_rng(0)
   for dims in (2, 3):
-    x = jax.random.normal(jax.random.key(0), (2,) + (6,) * dims + (3,))
+    x = rng.normal(size=(2,) + (6,) * dims + (3,)).astype(np.float32)
     ours = layers.Conv(5, 3, spatial_dims=dims)
     ref = nn.Conv(5, (3,) * dims, padding="SAME")
     p = random_params(ours, x)
     assert (jax.tree.map(jnp.shape, p) ==
             jax.tree.map(jnp.shape, jax.eval_shape(ref.init,
                                                    jax.random.key(0), x)))
-    np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(ours.apply)(p, x),
+                               jax.jit(ref.apply)(p, x), rtol=1e-5, atol=1e-5)
   down = layers.Conv(4, 3, strides=2, spatial_dims=2)
-  x = jnp.ones((1, 8, 8, 3))
-  assert down.apply(random_params(down, x), x).shape == (1, 4, 4, 4)
+  x = np.ones((1, 8, 8, 3), np.float32)
+  out = jax.eval_shape(down.apply, random_params(down, x), x)
+  assert out.shape == (1, 4, 4, 4)
 
 
 def test_timestep_embedding():
@@ -74,65 +77,66 @@ def test_timestep_embedding():
 
 def test_attention_is_per_sample_and_permutation_equivariant():
   block = layers.AttentionBlock(num_heads=2, num_groups=4)
-  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+  x = np.random.default_rng(0).normal(size=(2, 4, 4, 8)).astype(np.float32)
   apply = jax.jit(block.apply)
   p = random_params(block, x)
-  out = apply(p, x)
+  out = np.asarray(apply(p, x))
   # No positional encoding: permuting positions permutes the output.
   perm = apply(p, x[:, ::-1, ::-1])
   np.testing.assert_allclose(perm, out[:, ::-1, ::-1], rtol=1e-5, atol=1e-5)
   # Batch elements do not see each other.
-  other = apply(p, x.at[1].set(0.0))
+  other = apply(p, np.stack([x[0], np.zeros_like(x[1])]))
   np.testing.assert_allclose(other[0], out[0], rtol=1e-5, atol=1e-5)
   assert not np.allclose(out, x, atol=1e-3)
 
 
 def test_unet_conditional_2d(cond2d):
   model, params, apply, x = cond2d
-  t = jnp.array([0, 10, 500, 999])
-  out = apply(params, x, t, jnp.array([0, 1, 2, 1]))
+  t = np.array([0, 10, 500, 999], np.int32)
+  out = apply(params, x, t, np.array([0, 1, 2, 1], np.int32))
   assert out.shape == x.shape and out.dtype == jnp.float32
   assert np.isfinite(np.asarray(out)).all()
   # y=None means the null label; labels change the output.
-  null = jnp.full((4,), 2, jnp.int32)
+  null = np.full((4,), 2, np.int32)
   np.testing.assert_allclose(apply(params, x, t, None),
                              apply(params, x, t, null), rtol=1e-6)
-  assert not np.allclose(apply(params, x, t, jnp.zeros((4,), jnp.int32)),
-                         apply(params, x, t, jnp.ones((4,), jnp.int32)))
+  assert not np.allclose(apply(params, x, t, np.zeros((4,), np.int32)),
+                         apply(params, x, t, np.ones((4,), np.int32)))
   assert "class_embed" in params
   assert params["class_embed"]["embedding"].shape == (3, 4 * model.ch)
 
 
 def test_cfg_with_zero_scale_is_conditional(cond2d):
   _, params, apply, x = cond2d
-  t = jnp.full((4,), 300, jnp.int32)
-  y = jnp.array([0, 1, 0, 1])
+  # Batch 2, so the guided call (cond + uncond) has the compiled batch of 4.
+  x, t, y = x[:2], np.array([300, 700], np.int32), np.array([0, 1], np.int32)
   model_fn = lambda x, t, y: apply(params, x, t, y)
-  cond = model_fn(x, t, y)
-  guided = samplers.guided_denoise_fn(model_fn, y, 0.0, null_label=2)(x, t)
-  np.testing.assert_allclose(guided, cond, rtol=1e-5, atol=1e-5)
-  uncond = model_fn(x, t, jnp.full_like(y, 2))
-  guided = samplers.guided_denoise_fn(model_fn, y, 3.0, null_label=2)(x, t)
-  np.testing.assert_allclose(guided, uncond + 4.0 * (cond - uncond),
+  both = np.asarray(apply(params, np.concatenate([x, x]),
+                          np.concatenate([t, t]), np.array([0, 1, 2, 2])))
+  cond, uncond = both[:2], both[2:]
+  guide = lambda w: samplers.guided_denoise_fn(model_fn, y, w, 2)(x, t)
+  np.testing.assert_allclose(guide(0.0), cond, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(guide(3.0), uncond + 4.0 * (cond - uncond),
                              rtol=1e-4, atol=1e-4)
 
 
 def test_unet_unconditional_3d_and_out_channels():
   model = UNet(**TINY, attn_resolutions=(4,), spatial_dims=3, out_channels=3)
-  x = jnp.ones((2, 8, 8, 8, 1))
+  x = np.ones((2, 8, 8, 8, 1), np.float32)
   params, apply = _build(model, x)
-  out = apply(params, x, jnp.array([1.5, 7.0]), None)
+  out = apply(params, x, np.array([1.5, 7.0], np.float32), None)
   assert out.shape == (2, 8, 8, 8, 3) and out.dtype == jnp.float32
   assert params["Conv_0"]["kernel"].shape == (3, 3, 3, 1, 8)
   with pytest.raises(ValueError, match="unconditional"):
-    jax.eval_shape(apply, params, x, jnp.zeros((2,)), jnp.zeros((2,), int))
+    jax.eval_shape(apply, params, x, np.zeros((2,)), np.zeros((2,), int))
 
 
 def test_unet_bfloat16_params_stay_float32(cond2d):
   _, params, apply, x = cond2d
   model = UNet(**TINY, attn_resolutions=(4,), num_classes=2,
                dtype=jnp.bfloat16)
-  t, y = jnp.array([0, 10, 500, 999]), jnp.array([0, 1, 2, 1])
+  t = np.array([0, 10, 500, 999], np.int32)
+  y = np.array([0, 1, 2, 1], np.int32)
   p16 = jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(p16))
   # Same float32 params, bf16 compute: close to the float32 output.

@@ -68,7 +68,8 @@ class BrainPhantomConfig(tfds.core.BuilderConfig):
     num_subjects: virtual subjects, split 70/15/15 by subject.
     snr: mean brain signal over the Rician noise sigma, per contrast.
     seed: the data set is a deterministic function of the config.
-    slices_per_subject: axial slices per subject (2D only).
+    slices_per_subject: axial slices per subject (2D only; ignored by 3D,
+      though still part of the name).
     max_lesions: lesioned subjects get 1..max_lesions lesions.
   """
 
@@ -118,7 +119,9 @@ PRESETS = (
 
 
 def make_builder_config(spatial_dims: int, res: int, num_subjects: int,
-                        snr: float, seed: int, slices_per_subject: int = 16,
+                        snr: float, seed: int,
+                        slices_per_subject: int = _DEFAULTS[
+                            "slices_per_subject"],
                         max_lesions: int = _DEFAULTS["max_lesions"]
                         ) -> BrainPhantomConfig:
   """Config for any parameter combination.
