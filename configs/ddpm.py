@@ -12,6 +12,9 @@ Args (``key=value`` after the colon):
   cond: "" (unconditional) or "label" (lesion present / absent, with
     classifier-free guidance).
   steps: training steps.
+  arch: "" (size by res) or "ref6m": the 6.1 M-parameter reference U-Net
+    (ch 64, (1,2,2), 2 res blocks, GroupNorm 32, one attention block in the
+    middle) used to compare speed with PyTorch.
   runlocal: tiny model and few steps, for tests and laptops.
 """
 
@@ -22,7 +25,7 @@ from configs import common
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, res=32, contrast="t2w", dims=2, cond="",
-                       steps=0, runlocal=False)
+                       steps=0, arch="", runlocal=False)
   contrasts = tuple(a.contrast.split("+"))
   for c in contrasts:
     if c not in common.CONTRASTS:
@@ -41,7 +44,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       num_groups=8,
       # Compute dtype; parameters and optimizer state stay float32.
       dtype="float32",
+      # How convolutions are computed: "xla", "gemm" (kernel gradients as
+      # matrix products: 2-3x faster training on CPUs, same numbers) or
+      # "auto" (gemm on CPU, xla on GPU/TPU).
+      conv_lowering="auto",
   ))
+  if a.arch == "ref6m":
+    c.model.update(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
+                   attn_resolutions=(), num_groups=32)
+  elif a.arch:
+    raise ValueError(f"arch must be '' or 'ref6m', got {a.arch!r}")
   c.method = ml_collections.ConfigDict(dict(
       name="ddpm",
       schedule="cosine",        # linear | cosine

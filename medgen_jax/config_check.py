@@ -10,6 +10,7 @@ import ml_collections
 
 from medgen_jax.data import pipeline
 from medgen_jax.methods import base as methods
+from medgen_jax.nn import conv as conv_lib
 
 REQUIRED_SECTIONS = ("data", "model", "method", "optim", "train", "sample")
 
@@ -64,6 +65,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                     f"level's channels (ch*ch_mult = {m.ch * mult})")
       break
   _one_of(errors, "model.dtype", m.dtype, ("float32", "bfloat16"))
+  _one_of(errors, "model.conv_lowering", m.get("conv_lowering", "xla"),
+          conv_lib.LOWERINGS)
   _one_of(errors, "method.name", me.name, methods.available())
   if me.name == "ddpm":
     _one_of(errors, "method.schedule", me.schedule, ("linear", "cosine"))

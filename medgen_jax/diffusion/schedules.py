@@ -66,7 +66,7 @@ class DiffusionSchedule:
 
 
 def make_schedule(name: str, timesteps: int = 1000) -> DiffusionSchedule:
-  """Builds ``linear`` or ``cosine`` schedule constants (computed in float64)."""
+  """Builds ``linear`` or ``cosine`` constants (computed in float64)."""
   if name == "linear":
     betas = linear_betas(timesteps)
   elif name == "cosine":
@@ -95,7 +95,7 @@ def make_schedule(name: str, timesteps: int = 1000) -> DiffusionSchedule:
 
 
 def extract(a: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
-  """Gathers ``a[t]`` (``t [B]``) and reshapes to ``[B, 1, ...]`` of ``ndim``."""
+  """Gathers ``a[t]`` (``t [B]``) as ``[B, 1, ...]`` with ``ndim`` axes."""
   return a[t].reshape(t.shape + (1,) * (ndim - t.ndim))
 
 

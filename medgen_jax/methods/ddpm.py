@@ -47,7 +47,8 @@ class DDPM:
         dropout=m.dropout, num_groups=m.num_groups,
         out_channels=self.image_shape[-1],
         spatial_dims=len(self.image_shape) - 1,
-        num_classes=self.num_classes, dtype=jnp.dtype(m.dtype))
+        num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
+        conv_lowering=m.get("conv_lowering", "xla"))
     self.prediction = config.method.prediction
     self.schedule = schedules.make_schedule(config.method.schedule,
                                             config.method.timesteps)

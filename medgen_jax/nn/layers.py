@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medgen_jax.nn import conv as conv_lib
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -27,15 +29,18 @@ default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
 
 
-def conv_nd(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+def conv_nd(x: jax.Array, kernel: jax.Array, strides: int = 1,
+            lowering: str = "xla") -> jax.Array:
   """N-d convolution with symmetric "same" padding (odd kernels).
 
-  This is the single lowering used by every convolution in the library.
+  This is the single entry point used by every convolution in the library;
+  ``lowering`` picks how it is computed (see :mod:`medgen_jax.nn.conv`).
 
   Args:
     x: ``[B, *spatial, C_in]``.
     kernel: ``[*k, C_in, C_out]`` (flax's ``nn.Conv`` layout).
     strides: the same stride on every spatial axis.
+    lowering: ``"auto"``, ``"xla"`` or ``"gemm"`` (see :mod:`medgen_jax.nn.conv`).
 
   Returns:
     ``[B, *ceil(spatial / strides), C_out]``.
@@ -43,12 +48,8 @@ def conv_nd(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
   n = kernel.ndim - 2
   # Symmetric padding (as in PyTorch) instead of XLA's "SAME", which pads
   # strided convs asymmetrically; halves even sides exactly either way.
-  padding = [((k - 1) // 2, k // 2) for k in kernel.shape[:n]]
-  spatial = "DHW"[-n:]
-  dimension_numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(strides,) * n, padding=padding,
-      dimension_numbers=dimension_numbers)
+  padding = tuple(((k - 1) // 2, k // 2) for k in kernel.shape[:n])
+  return conv_lib.conv(x, kernel, strides, padding, lowering)
 
 
 class Conv(nn.Module):
@@ -63,6 +64,8 @@ class Conv(nn.Module):
     dtype: compute dtype.
     param_dtype: parameter dtype.
     kernel_init: initializer of the ``[*k, C_in, C_out]`` kernel.
+    lowering: how the convolution is computed (``"xla"`` or ``"gemm"``);
+      values and parameters are the same either way.
   """
 
   features: int
@@ -73,6 +76,7 @@ class Conv(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = default_init
+  lowering: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -83,7 +87,8 @@ class Conv(nn.Module):
     shape = (self.kernel_size,) * self.spatial_dims + (x.shape[-1],
                                                        self.features)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    y = conv_nd(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
+    y = conv_nd(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
+                self.lowering)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,),
                         self.param_dtype)
@@ -148,13 +153,14 @@ class ResBlock(nn.Module):
   dropout: float = 0.0
   spatial_dims: int = 2
   dtype: Dtype = jnp.float32
+  conv_lowering: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array,
                train: bool = False) -> jax.Array:
     """``x [B, *spatial, C]``, ``emb [B, E]`` -> ``[B, *spatial, out_ch]``."""
     conv = functools.partial(Conv, self.out_ch, spatial_dims=self.spatial_dims,
-                             dtype=self.dtype)
+                             dtype=self.dtype, lowering=self.conv_lowering)
     h = nn.silu(group_norm(x.shape[-1], self.num_groups, self.dtype)(x))
     h = conv()(h)
     e = nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=default_init)(
@@ -206,12 +212,13 @@ class Downsample(nn.Module):
   out_ch: int
   spatial_dims: int = 2
   dtype: Dtype = jnp.float32
+  conv_lowering: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """``[B, *spatial, C]`` -> ``[B, *spatial / 2, out_ch]``."""
     return Conv(self.out_ch, 3, strides=2, spatial_dims=self.spatial_dims,
-                dtype=self.dtype)(x)
+                dtype=self.dtype, lowering=self.conv_lowering)(x)
 
 
 class Upsample(nn.Module):
@@ -223,6 +230,7 @@ class Upsample(nn.Module):
   out_ch: int
   spatial_dims: int = 2
   dtype: Dtype = jnp.float32
+  conv_lowering: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -230,4 +238,4 @@ class Upsample(nn.Module):
     for axis in range(1, 1 + self.spatial_dims):
       x = jnp.repeat(x, 2, axis=axis)
     return Conv(self.out_ch, 3, spatial_dims=self.spatial_dims,
-                dtype=self.dtype)(x)
+                dtype=self.dtype, lowering=self.conv_lowering)(x)
