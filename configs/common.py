@@ -87,6 +87,7 @@ def data_config(*, res: int, contrasts=("t2w",), batch_size: int = 32,
       clip_percentiles=(0.5, 99.5),
       batch_size=batch_size,
       shuffle_seed=0,
+      num_classes=2,            # lesion absent / present
       train_split="train",
       eval_split="val",
       cond=cond,

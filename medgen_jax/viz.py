@@ -1,7 +1,7 @@
 """Image grids for samples and data sets (PNG, no plotting library needed)."""
 
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -46,7 +46,6 @@ def overlay(gray: np.ndarray, labels: np.ndarray,
 
 def image_grid(images: np.ndarray, spatial_dims: int = 2,
                masks: Optional[np.ndarray] = None,
-               channel_names: Optional[Sequence[str]] = None,
                ncol: Optional[int] = None, upscale: int = 2) -> np.ndarray:
   """Builds an RGB grid of images in [-1, 1].
 
@@ -55,7 +54,6 @@ def image_grid(images: np.ndarray, spatial_dims: int = 2,
     spatial_dims: 2 or 3.
     masks: optional label maps ``[N, H, W]`` (or 3D) overlaid in colour on
       every channel.
-    channel_names: unused in the pixels; kept for callers' captions.
     ncol: columns; default ``ceil(sqrt(N))``. Each channel gets its own block
       of rows, so multi-contrast samples read contrast by contrast.
     upscale: nearest-neighbour upscaling so 32x32 grids are visible.
@@ -63,7 +61,6 @@ def image_grid(images: np.ndarray, spatial_dims: int = 2,
   Returns:
     ``[H', W', 3]`` uint8.
   """
-  del channel_names
   x = _middle_slice(np.asarray(images), spatial_dims)
   m = None if masks is None else _middle_slice(np.asarray(masks), spatial_dims)
   n = x.shape[0]

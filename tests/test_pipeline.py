@@ -74,3 +74,9 @@ def test_zscore_and_unknown_normalisation():
   assert abs(out[..., 0].mean()) < 1e-6 and abs(out[..., 0].std() - 1) < 1e-6
   with pytest.raises(ValueError, match="data.normalization must be one of"):
     pipeline.normalization_stats(raw, _cfg("robust"))
+
+
+def test_labels_outside_num_classes_are_rejected():
+  pipeline.check_labels(np.array([0, 1, 1]), 2, "x")
+  with pytest.raises(ValueError, match=r"label value 3 outside \[0, data.num_classes=2\) in data set 'x' \(1 examples\)"):
+    pipeline.check_labels(np.array([0, 3, 1]), 2, "x")

@@ -191,13 +191,21 @@ def prefetch_to_mesh(batcher: Batcher, start: int, stop: int,
       q.get_nowait()
 
 
+def check_labels(labels: np.ndarray, num_classes: int, dataset: str) -> None:
+  """Rejects class labels outside ``[0, num_classes)``, naming the value."""
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f"label value {int(bad[0])} outside [0, data.num_classes="
+                     f"{num_classes}) in data set {dataset!r} ({bad.size} "
+                     "examples)")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainData:
   """What the trainer needs from the data: the batcher and the transform."""
 
   batcher: Batcher
   stats: Dict[str, Tuple[float, float]]
-  num_classes: int
   image_shape: Tuple[int, ...]
 
 
@@ -213,6 +221,6 @@ def make_train_data(data_cfg: ml_collections.ConfigDict,
                      f"divisible by the {jax.device_count()} devices")
   batcher = Batcher(arrays, data_cfg.batch_size, data_cfg.shuffle_seed, keys,
                     jax.process_index(), jax.process_count())
-  num_classes = int(arrays["label"].max()) + 1 if "label" in arrays else 0
-  return TrainData(batcher, stats, max(num_classes, 2),
-                   arrays["image"].shape[1:])
+  if "label" in arrays:
+    check_labels(arrays["label"], data_cfg.num_classes, data_cfg.dataset)
+  return TrainData(batcher, stats, arrays["image"].shape[1:])

@@ -38,7 +38,7 @@ class DDPM:
                image_shape: Tuple[int, ...]):
     self.config = config
     self.image_shape = tuple(image_shape)
-    self.num_classes = (int(config.data.get("num_classes", 2))
+    self.num_classes = (int(config.data.num_classes)
                         if config.data.cond == "label" else 0)
     m = config.model
     self.model = UNet(
