@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from medgen_jax import runtime
 from medgen_jax import viz
 from medgen_jax.data import pipeline
 from medgen_jax.train import trainer
@@ -40,7 +41,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   sample_fn = jax.jit(exp.method.sample, static_argnums=2)
   sc = config.sample
   chunks = []
-  for i in range(-(-sc.num // sc.batch_size)):
+  num_batches = -(-sc.num // sc.batch_size)
+  for i in runtime.progress(range(num_batches), num_batches, desc="sample"):
     rng = jax.random.fold_in(exp.sample_rng, i)
     chunks.append(jax.device_get(sample_fn(state, rng, sc.batch_size)))
   out = {k: np.concatenate([c[k] for c in chunks])[:sc.num] for k in chunks[0]}

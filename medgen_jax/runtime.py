@@ -34,6 +34,16 @@ def quiet_library_logs() -> None:
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
+def progress(iterable, total: int, initial: int = 0, desc: str = ""):
+  """A tqdm bar on process 0; redraws rarely when stderr is not a terminal."""
+  import sys  # pylint: disable=import-outside-toplevel
+  import tqdm  # pylint: disable=import-outside-toplevel
+  tty = sys.stderr.isatty()
+  return tqdm.tqdm(iterable, total=total, initial=initial, desc=desc,
+                   disable=jax.process_index() > 0, dynamic_ncols=tty,
+                   mininterval=0.5 if tty else 30.0)
+
+
 def setup(config: ml_collections.ConfigDict) -> None:
   """Multi-host init (behind ``train.distributed``), caching, log filters."""
   quiet_library_logs()

@@ -46,7 +46,8 @@ def overlay(gray: np.ndarray, labels: np.ndarray,
 
 def image_grid(images: np.ndarray, spatial_dims: int = 2,
                masks: Optional[np.ndarray] = None,
-               ncol: Optional[int] = None, upscale: int = 2) -> np.ndarray:
+               ncol: Optional[int] = None,
+               upscale: Optional[int] = None) -> np.ndarray:
   """Builds an RGB grid of images in [-1, 1].
 
   Args:
@@ -56,7 +57,7 @@ def image_grid(images: np.ndarray, spatial_dims: int = 2,
       every channel.
     ncol: columns; default ``ceil(sqrt(N))``. Each channel gets its own block
       of rows, so multi-contrast samples read contrast by contrast.
-    upscale: nearest-neighbour upscaling so 32x32 grids are visible.
+    upscale: nearest-neighbour upscaling; default makes tiles >= 128 px.
 
   Returns:
     ``[H', W', 3]`` uint8.
@@ -72,6 +73,7 @@ def image_grid(images: np.ndarray, spatial_dims: int = 2,
                                                            axis=-1)
     blocks.append(tile(rgb, ncol))
   grid = np.concatenate(blocks, axis=0)
+  upscale = upscale or max(1, 128 // x.shape[1])
   return np.kron(grid, np.ones((upscale, upscale, 1), np.uint8))
 
 

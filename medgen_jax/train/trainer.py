@@ -23,6 +23,7 @@ from clu import metrics as clu_metrics
 from clu import parameter_overview
 from clu import periodic_actions
 
+from medgen_jax import runtime
 from medgen_jax import viz
 from medgen_jax.data import pipeline
 from medgen_jax.methods import base as methods
@@ -198,8 +199,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   samples: List[str] = []
   t0 = time.time()
   step = start
-  batches = pipeline.prefetch_to_mesh(exp.data.batcher, start, tc.num_steps,
-                                      exp.mesh)
+  batches = runtime.progress(
+      pipeline.prefetch_to_mesh(exp.data.batcher, start, tc.num_steps,
+                                exp.mesh),
+      total=tc.num_steps, initial=start, desc="train")
   try:
     for step, batch in enumerate(batches, start=start + 1):
       rng = jax.random.fold_in(exp.train_rng, step)

@@ -1,0 +1,84 @@
+r"""Alternating JAX vs PyTorch benchmark of the same DDPM U-Net on this CPU.
+
+  python experiments/benchmarks/compare.py --rounds=3 --steps=6
+
+Each round runs ``python -m medgen_jax.bench`` (configs/ddpm.py with
+arch=ref6m: ch 64, (1,2,2), 2 res blocks, GroupNorm 32, batch 32, 1x32x32)
+and then ``torch_unet.py`` with the same architecture, each in a fresh
+process, so slow drifts of a noisy machine hit both alike. Prints the median
+train-step and sampling-step times of each framework and the JAX/PyTorch
+ratios (below 1 means JAX is faster). Needs ``pip install torch==2.13.0``.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def run_jax(config: str, steps: int, extra) -> dict:
+  with tempfile.NamedTemporaryFile(suffix=".json") as f:
+    cmd = [sys.executable, "-m", "medgen_jax.bench", f"--config={config}",
+           f"--steps={steps}", f"--out={f.name}", *extra]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    with open(f.name) as g:
+      return json.load(g)
+
+
+def run_torch(steps: int, extra) -> dict:
+  cmd = [sys.executable, os.path.join(HERE, "torch_unet.py"),
+         f"--steps={steps}", *extra]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--steps", type=int, default=6)
+  p.add_argument("--config", default="configs/ddpm.py:res=32,arch=ref6m")
+  # Five DDIM steps suffice to time one denoising step.
+  p.add_argument("--jax_flags", nargs="*",
+                 default=["--config.sample.steps=5"],
+                 help="extra flags for medgen_jax.bench, e.g. "
+                      "--config.model.conv_lowering=xla")
+  p.add_argument("--torch_flags", nargs="*",
+                 default=["--ch=64", "--num_res_blocks=2", "--num_groups=32",
+                          "--res=32", "--batch=32", "--sample_batch=64"])
+  a = p.parse_args()
+  jax_train, jax_sample, torch_train, torch_sample = [], [], [], []
+  jax_rss, torch_rss, compile_s = [], [], []
+  for r in range(a.rounds):
+    j = run_jax(a.config, a.steps, a.jax_flags)
+    t = run_torch(a.steps, a.torch_flags)
+    jax_train.append(j["step_s_median"])
+    jax_sample.append(j["sample_s_per_denoise_step"])
+    jax_rss.append(j["peak_rss_mb"])
+    compile_s.append(j["compile_s"])
+    torch_train.append(t["train_step_s"])
+    torch_sample.append(t["sample_step_s"])
+    torch_rss.append(t["peak_rss_mb"])
+    print(f"round {r}: jax train {j['step_s_median']:.3f} s, sample step "
+          f"{j['sample_s_per_denoise_step']:.3f} s | torch train "
+          f"{t['train_step_s']:.3f} s, sample step {t['sample_step_s']:.3f} s",
+          flush=True)
+  med = statistics.median
+  rows = [
+      ("train step (s)", med(jax_train), med(torch_train)),
+      ("sampling step, batch 64 (s)", med(jax_sample), med(torch_sample)),
+      ("peak RSS (MB)", med(jax_rss), med(torch_rss)),
+  ]
+  print(f"\n{'':32}{'JAX':>10}{'PyTorch':>10}{'JAX/PT':>9}")
+  for name, jv, tv in rows:
+    print(f"{name:32}{jv:10.3f}{tv:10.3f}{jv / tv:9.2f}")
+  print(f"{'JAX compile (s)':32}{med(compile_s):10.2f}")
+
+
+if __name__ == "__main__":
+  main()
