@@ -11,6 +11,7 @@ Modes:
 """
 
 import os
+import signal
 import sys
 
 from absl import app
@@ -32,6 +33,11 @@ def _default_workdir(config_arg: str) -> str:
   return os.path.join("workdirs", name)
 
 
+def _raise_interrupt(signum, frame):
+  del frame
+  raise KeyboardInterrupt(f"received signal {signum}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -40,6 +46,9 @@ def main(argv):
   from medgen_jax import config_check, runtime  # pylint: disable=import-outside-toplevel
 
   config = _CONFIG.value
+  # Cluster schedulers pre-empt with SIGTERM: treat it like Ctrl-C so the
+  # trainer checkpoints the current step before exiting.
+  signal.signal(signal.SIGTERM, _raise_interrupt)
   runtime.setup(config)
   try:
     config_check.validate(config, num_devices=jax.device_count())

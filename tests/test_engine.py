@@ -143,3 +143,26 @@ def test_sigkill_then_rerun_resumes_and_sample_mode(tiny_config, tmp_path):
     assert z["image"].shape == (6, 16, 16, 1)
     assert np.isfinite(z["image"]).all() and np.abs(z["image"]).max() <= 1.0
     assert z["image_signal"].shape == (6, 16, 16, 1)
+
+
+def test_sigterm_checkpoints_the_current_step(tiny_config, tmp_path):
+  env = dict(os.environ, MEDGEN_DATA_DIR=tiny_config.data.data_dir)
+  proc = subprocess.Popen(
+      [sys.executable, "launch.py", "--config=configs/ddpm.py:res=16,runlocal",
+       "--config.data.num_subjects=5", "--config.train.num_steps=100000",
+       "--config.train.ckpt_every=100000", "--config.train.log_every=1",
+       "--config.train.sample_every=0", f"--workdir={tmp_path}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  jsonl = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if jsonl.exists() and len(_jsonl(jsonl)) >= 3:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0].decode()
+  assert proc.returncode != 0
+  assert "Interrupted at step" in out
+  steps = checkpoint.manager(str(tmp_path), async_save=False).all_steps()
+  assert len(steps) == 1 and steps[0] >= 3

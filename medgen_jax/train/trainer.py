@@ -235,7 +235,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
           writer.write_images(step, {"samples": grid[None]})
           samples.append(path)
   except KeyboardInterrupt:
-    # SIGINT/SIGTERM-as-KeyboardInterrupt: keep the work done so far.
+    # Ctrl-C, or SIGTERM (launch.py turns it into KeyboardInterrupt): keep
+    # the work done so far.
     logging.warning("Interrupted at step %d; saving a checkpoint.", step)
     if step > (mngr.latest_step() or 0):
       checkpoint.save(mngr, step, state, meta)
