@@ -29,7 +29,8 @@ def _positive(errors: List[str], key: str, value: Any, allow_zero=False):
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
       value >= 0 if allow_zero else value > 0)
   if not ok:
-    errors.append(f"{key}={value!r} must be a {'non-negative' if allow_zero else 'positive'} number")
+    kind = "non-negative" if allow_zero else "positive"
+    errors.append(f"{key}={value!r} must be a {kind} number")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
@@ -65,8 +66,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                     f"level's channels (ch*ch_mult = {m.ch * mult})")
       break
   _one_of(errors, "model.dtype", m.dtype, ("float32", "bfloat16"))
-  _one_of(errors, "model.conv_lowering", m.get("conv_lowering", "xla"),
-          conv_lib.LOWERINGS)
+  _one_of(errors, "model.conv_lowering", m.conv_lowering, conv_lib.LOWERINGS)
   _one_of(errors, "method.name", me.name, methods.available())
   if me.name == "ddpm":
     _one_of(errors, "method.schedule", me.schedule, ("linear", "cosine"))

@@ -48,7 +48,7 @@ class DDPM:
         out_channels=self.image_shape[-1],
         spatial_dims=len(self.image_shape) - 1,
         num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
-        conv_lowering=m.get("conv_lowering", "xla"))
+        conv_lowering=m.conv_lowering)
     self.prediction = config.method.prediction
     self.schedule = schedules.make_schedule(config.method.schedule,
                                             config.method.timesteps)

@@ -40,7 +40,8 @@ def conv_nd(x: jax.Array, kernel: jax.Array, strides: int = 1,
     x: ``[B, *spatial, C_in]``.
     kernel: ``[*k, C_in, C_out]`` (flax's ``nn.Conv`` layout).
     strides: the same stride on every spatial axis.
-    lowering: ``"auto"``, ``"xla"`` or ``"gemm"`` (see :mod:`medgen_jax.nn.conv`).
+    lowering: ``"auto"``, ``"xla"`` or ``"gemm"`` (see
+      :mod:`medgen_jax.nn.conv`).
 
   Returns:
     ``[B, *ceil(spatial / strides), C_out]``.
@@ -64,8 +65,8 @@ class Conv(nn.Module):
     dtype: compute dtype.
     param_dtype: parameter dtype.
     kernel_init: initializer of the ``[*k, C_in, C_out]`` kernel.
-    lowering: how the convolution is computed (``"xla"`` or ``"gemm"``);
-      values and parameters are the same either way.
+    conv_lowering: how the convolution is computed (``"auto"``, ``"xla"``
+      or ``"gemm"``); values and parameters are the same either way.
   """
 
   features: int
@@ -76,7 +77,7 @@ class Conv(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = default_init
-  lowering: str = "xla"
+  conv_lowering: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -88,7 +89,7 @@ class Conv(nn.Module):
                                                        self.features)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
     y = conv_nd(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
-                self.lowering)
+                self.conv_lowering)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,),
                         self.param_dtype)
@@ -160,7 +161,7 @@ class ResBlock(nn.Module):
                train: bool = False) -> jax.Array:
     """``x [B, *spatial, C]``, ``emb [B, E]`` -> ``[B, *spatial, out_ch]``."""
     conv = functools.partial(Conv, self.out_ch, spatial_dims=self.spatial_dims,
-                             dtype=self.dtype, lowering=self.conv_lowering)
+                             dtype=self.dtype, conv_lowering=self.conv_lowering)
     h = nn.silu(group_norm(x.shape[-1], self.num_groups, self.dtype)(x))
     h = conv()(h)
     e = nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=default_init)(
@@ -218,7 +219,7 @@ class Downsample(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """``[B, *spatial, C]`` -> ``[B, *spatial / 2, out_ch]``."""
     return Conv(self.out_ch, 3, strides=2, spatial_dims=self.spatial_dims,
-                dtype=self.dtype, lowering=self.conv_lowering)(x)
+                dtype=self.dtype, conv_lowering=self.conv_lowering)(x)
 
 
 class Upsample(nn.Module):
@@ -238,4 +239,4 @@ class Upsample(nn.Module):
     for axis in range(1, 1 + self.spatial_dims):
       x = jnp.repeat(x, 2, axis=axis)
     return Conv(self.out_ch, 3, spatial_dims=self.spatial_dims,
-                dtype=self.dtype, lowering=self.conv_lowering)(x)
+                dtype=self.dtype, conv_lowering=self.conv_lowering)(x)

@@ -33,7 +33,8 @@ class UNet(nn.Module):
       with ``num_classes + 1`` rows, the last (index ``num_classes``) being the
       "null" label used for classifier-free guidance.
     dtype: compute dtype; parameters are float32 and the output is float32.
-    conv_lowering: ``"xla"`` or ``"gemm"`` (see :mod:`medgen_jax.nn.conv`).
+    conv_lowering: ``"auto"``, ``"xla"`` or ``"gemm"`` (see
+      :mod:`medgen_jax.nn.conv`).
   """
 
   ch: int = 64
@@ -74,17 +75,16 @@ class UNet(nn.Module):
       raise ValueError(f"spatial sides {x.shape[1:-1]} must be divisible by "
                        f"{factor} for ch_mult={tuple(self.ch_mult)}")
     out_channels = self.out_channels or x.shape[-1]
-    kw = dict(spatial_dims=self.spatial_dims, dtype=self.dtype)
+    kw = dict(spatial_dims=self.spatial_dims, dtype=self.dtype,
+              conv_lowering=self.conv_lowering)
     res_block = functools.partial(layers.ResBlock, num_groups=self.num_groups,
-                                  dropout=self.dropout,
-                                  conv_lowering=self.conv_lowering, **kw)
-    sample_kw = dict(kw, conv_lowering=self.conv_lowering)
+                                  dropout=self.dropout, **kw)
     attn_block = functools.partial(layers.AttentionBlock, self.num_heads,
                                    self.num_groups, self.dtype)
 
     emb = self._embed(t, y, x.shape[0])
 
-    h = layers.Conv(self.ch, 3, lowering=self.conv_lowering, **kw)(x)
+    h = layers.Conv(self.ch, 3, **kw)(x)
     hs = [h]
     side = x.shape[-3]  # In-plane side H, in 2D and 3D.
     for level, mult in enumerate(self.ch_mult):
@@ -94,7 +94,7 @@ class UNet(nn.Module):
           h = attn_block()(h)
         hs.append(h)
       if level != len(self.ch_mult) - 1:
-        h = layers.Downsample(h.shape[-1], **sample_kw)(h)
+        h = layers.Downsample(h.shape[-1], **kw)(h)
         side //= 2
         hs.append(h)
 
@@ -109,12 +109,11 @@ class UNet(nn.Module):
         if side in self.attn_resolutions:
           h = attn_block()(h)
       if level != 0:
-        h = layers.Upsample(h.shape[-1], **sample_kw)(h)
+        h = layers.Upsample(h.shape[-1], **kw)(h)
         side *= 2
 
     h = nn.silu(layers.group_norm(h.shape[-1], self.num_groups, self.dtype)(h))
-    h = layers.Conv(out_channels, 3, kernel_init=layers.zero_init,
-                    lowering=self.conv_lowering, **kw)(h)
+    h = layers.Conv(out_channels, 3, kernel_init=layers.zero_init, **kw)(h)
     return h.astype(jnp.float32)
 
   def _embed(self, t: jax.Array, y: Optional[jax.Array],
