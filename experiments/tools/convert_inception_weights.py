@@ -1,0 +1,114 @@
+r"""Converts pytorch-fid's Inception-V3 weights to the ``.npz`` of
+:mod:`medgen_jax.eval.inception`.
+
+  python experiments/tools/convert_inception_weights.py \
+      --input=pt_inception-2015-12-05-6726825d.pth --output=inception_fid.npz
+
+The input is the state dict that pytorch-fid loads for FID (its weights were
+ported from TensorFlow's inception-2015-12-05 graph); get the file yourself,
+nothing is downloaded here. Needs ``torch`` (only this script does).
+
+Mapping (``X`` is a layer path such as ``Mixed_5b.branch1x1``):
+
+  X.conv.weight [out, in, kh, kw]  ->  params/X/conv/kernel [kh, kw, in, out]
+  X.bn.weight / X.bn.bias          ->  params/X/bn/scale / params/X/bn/bias
+  X.bn.running_mean / running_var  ->  batch_stats/X/bn/mean / .../bn/var
+  X.bn.num_batches_tracked, fc.*, AuxLogits.*  ->  dropped (unused for pool3)
+
+The result is checked name by name and shape by shape against the Flax
+network before it is written (atomically), so a wrong file fails here, naming
+the first mismatched parameter.
+"""
+
+import argparse
+import os
+import sys
+from typing import Dict, Mapping
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+# Suffix of a PyTorch name -> (Flax collection, Flax leaf name).
+_LEAVES = {
+    "conv.weight": ("params", "conv/kernel"),
+    "bn.weight": ("params", "bn/scale"),
+    "bn.bias": ("params", "bn/bias"),
+    "bn.running_mean": ("batch_stats", "bn/mean"),
+    "bn.running_var": ("batch_stats", "bn/var"),
+}
+_DROPPED_SUFFIXES = ("bn.num_batches_tracked",)
+_DROPPED_PREFIXES = ("fc.", "AuxLogits.")
+
+
+def flax_name(torch_name: str) -> str:
+  """``Mixed_5b.branch1x1.conv.weight`` -> ``params/Mixed_5b/branch1x1/conv/
+  kernel``; empty for names that are dropped."""
+  if torch_name.startswith(_DROPPED_PREFIXES) or torch_name.endswith(
+      _DROPPED_SUFFIXES):
+    return ""
+  for suffix, (collection, leaf) in _LEAVES.items():
+    if torch_name.endswith("." + suffix):
+      layer = torch_name[:-len(suffix) - 1].replace(".", "/")
+      return f"{collection}/{layer}/{leaf}"
+  raise ValueError(f"unrecognised parameter {torch_name}: not an Inception "
+                   "BasicConv2d (conv + bn) parameter")
+
+
+def convert_state_dict(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """PyTorch names and layouts -> the flattened Flax ``.npz`` arrays."""
+  out = {}
+  for name, value in state.items():
+    key = flax_name(name)
+    if not key:
+      continue
+    value = np.asarray(value, np.float32)
+    if key.endswith("/conv/kernel"):
+      if value.ndim != 4:
+        raise ValueError(f"{name}: expected a 4-d convolution weight, got "
+                         f"shape {value.shape}")
+      value = value.transpose(2, 3, 1, 0)
+    out[key] = value
+  return out
+
+
+def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
+  import torch  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  if not isinstance(state, Mapping) or not all(
+      isinstance(v, torch.Tensor) for v in state.values()):
+    raise ValueError(f"{path}: expected a state dict of tensors")
+  return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def convert_file(src: str, dst: str) -> int:
+  """Converts ``src`` (``.pth``) into ``dst`` (``.npz``); returns the number
+  of arrays written."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from medgen_jax.eval import inception  # pylint: disable=import-outside-toplevel
+  state = load_torch_state_dict(src)
+  try:
+    arrays = convert_state_dict(state)
+  except ValueError as e:
+    raise ValueError(f"{src}: {e}") from e
+  inception.check_arrays(arrays, src)
+  inception.save_variables(traverse_util.unflatten_dict(arrays, sep="/"), dst)
+  return len(arrays)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--input", required=True, help="pytorch-fid .pth file")
+  p.add_argument("--output", required=True, help=".npz to write")
+  args = p.parse_args(argv)
+  n = convert_file(args.input, args.output)
+  print(f"wrote {n} arrays to {args.output}")
+
+
+if __name__ == "__main__":
+  main()
