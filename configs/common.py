@@ -118,3 +118,84 @@ def base_config() -> ml_collections.ConfigDict:
       distributed=False,
   ))
   return c
+
+
+def augment_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """The ``augment`` section: classical on-device augmentation.
+
+  Read by :func:`medgen_jax.data.augment.make_augment_fn`. Every transform
+  has its own probability, drawn independently per example. Symmetric ranges
+  take a number ``s`` (meaning ``[-s, s]``) or a pair ``(lo, hi)``; ``scale``,
+  ``contrast`` and ``noise_std`` take pairs. Defaults are a strong
+  TorchIO/MONAI/nnU-Net-like baseline for 2D/3D brain MRI at 32-64 px; scale
+  the pixel-valued ``elastic_magnitude_px`` with the resolution.
+
+  Spatial (one resampling of image and masks per example):
+    flip_prob: per listed axis, probability of mirroring it.
+    flip_axes: spatial axes that may flip (negative counts from the last).
+      The default -1 is the patient left-right axis (columns) of the
+      phantom's display layout; anatomy is not up-down symmetric.
+    affine_prob: probability of a random affine about the image centre.
+    rotate_deg: rotation in degrees (in-plane in 2D, about each axis in 3D);
+      positive is counter-clockwise as displayed (rows down, columns right).
+    scale: per-axis zoom factors (> 1 enlarges the anatomy).
+    isotropic_scale: one zoom factor for all axes.
+    translate_frac: shift as a fraction of each axis' size.
+    shear: off-diagonal shear coefficients.
+    elastic_prob: probability of a smooth random elastic deformation.
+    elastic_grid: control points per axis (cubic interpolation between).
+    elastic_magnitude_px: maximum control-point displacement in pixels.
+
+  Intensity (image only, after the spatial transform, in this order):
+    gamma_prob, log_gamma: x01 ** exp(U(log_gamma)) on the per-example,
+      per-channel [0, 1]-rescaled intensities (range preserved).
+    bias_prob, bias_order, bias_strength: multiplicative field
+      exp(polynomial of total degree <= bias_order), coefficients in
+      U(-bias_strength, bias_strength), log-mean removed; it scales the
+      signal above the background.
+    contrast_prob, contrast: (x - mean) * c + mean per channel.
+    brightness_prob, brightness: additive shift in normalised units (the
+      [-1, 1] range is 2 wide).
+    noise_prob, noise_std, noise_type: noise with std ~ U(noise_std),
+      "gaussian" or "rician" (magnitude noise on the signal above background).
+    clip: "input" clips the result to each example's per-channel input
+      range (background stays the minimum); "none" leaves it unclipped.
+
+  Args:
+    **overrides: field values replacing the defaults; unknown names raise
+      ``ValueError``.
+  """
+  defaults = dict(
+      enabled=True,
+      flip_prob=0.5,
+      flip_axes=(-1,),
+      affine_prob=0.5,
+      rotate_deg=10.0,
+      scale=(0.9, 1.1),
+      isotropic_scale=False,
+      translate_frac=0.05,
+      shear=0.05,
+      elastic_prob=0.25,
+      elastic_grid=5,
+      elastic_magnitude_px=2.0,
+      gamma_prob=0.3,
+      log_gamma=0.3,
+      bias_prob=0.3,
+      bias_order=3,
+      bias_strength=0.3,
+      contrast_prob=0.2,
+      contrast=(0.75, 1.25),
+      brightness_prob=0.2,
+      brightness=0.1,
+      noise_prob=0.2,
+      noise_std=(0.0, 0.05),
+      noise_type="gaussian",
+      clip="input",
+  )
+  unknown = sorted(set(overrides) - set(defaults))
+  if unknown:
+    raise ValueError(
+        f"unknown augment field(s) {unknown}; known: {sorted(defaults)}")
+  # Merged before the ConfigDict exists so an override may change a field's
+  # type (a number -> a (lo, hi) pair).
+  return ml_collections.ConfigDict({**defaults, **overrides})
