@@ -226,6 +226,8 @@ def test_psnr_mae_known_values():
                              [20.0, 40.0], rtol=1e-5)
   np.testing.assert_allclose(img.mae(x, y), 0.1, rtol=1e-6)
   assert np.isinf(img.psnr(x, x, data_range=1.0)).all()
+  with pytest.raises(ValueError, match="data_range must be positive"):
+    img.psnr(x, y, data_range=0.0)
   vol = np.zeros((1, 2, 3, 4, 1))
   np.testing.assert_allclose(img.mae(vol, vol + 2.0), 2.0)
 

@@ -10,9 +10,9 @@ nothing is downloaded here. Needs ``torch`` (only this script does).
 
 Mapping (``X`` is a layer path such as ``Mixed_5b.branch1x1``):
 
-  X.conv.weight [out, in, kh, kw]  ->  params/X/conv/kernel [kh, kw, in, out]
-  X.bn.weight / X.bn.bias          ->  params/X/bn/scale / params/X/bn/bias
-  X.bn.running_mean / running_var  ->  batch_stats/X/bn/mean / .../bn/var
+  X.conv.weight [out, in, kh, kw]  ->  params/X/kernel [kh, kw, in, out]
+  X.bn.weight / X.bn.bias          ->  params/X/scale / params/X/bias
+  X.bn.running_mean / running_var  ->  batch_stats/X/mean / batch_stats/X/var
   X.bn.num_batches_tracked, fc.*, AuxLogits.*  ->  dropped (unused for pool3)
 
 The result is checked name by name and shape by shape against the Flax
@@ -34,18 +34,18 @@ if ROOT not in sys.path:
 
 # Suffix of a PyTorch name -> (Flax collection, Flax leaf name).
 _LEAVES = {
-    "conv.weight": ("params", "conv/kernel"),
-    "bn.weight": ("params", "bn/scale"),
-    "bn.bias": ("params", "bn/bias"),
-    "bn.running_mean": ("batch_stats", "bn/mean"),
-    "bn.running_var": ("batch_stats", "bn/var"),
+    "conv.weight": ("params", "kernel"),
+    "bn.weight": ("params", "scale"),
+    "bn.bias": ("params", "bias"),
+    "bn.running_mean": ("batch_stats", "mean"),
+    "bn.running_var": ("batch_stats", "var"),
 }
 _DROPPED_SUFFIXES = ("bn.num_batches_tracked",)
 _DROPPED_PREFIXES = ("fc.", "AuxLogits.")
 
 
 def flax_name(torch_name: str) -> str:
-  """``Mixed_5b.branch1x1.conv.weight`` -> ``params/Mixed_5b/branch1x1/conv/
+  """``Mixed_5b.branch1x1.conv.weight`` -> ``params/Mixed_5b/branch1x1/
   kernel``; empty for names that are dropped."""
   if torch_name.startswith(_DROPPED_PREFIXES) or torch_name.endswith(
       _DROPPED_SUFFIXES):
@@ -66,7 +66,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]
     if not key:
       continue
     value = np.asarray(value, np.float32)
-    if key.endswith("/conv/kernel"):
+    if key.endswith("/kernel"):
       if value.ndim != 4:
         raise ValueError(f"{name}: expected a 4-d convolution weight, got "
                          f"shape {value.shape}")

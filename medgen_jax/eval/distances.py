@@ -75,7 +75,7 @@ def _knn_block(q: jax.Array, q_start: jax.Array, ref: jax.Array,
     exclude_self: queries and references are the same set; a query is never
       its own neighbour (exact, by index, so duplicates still count).
     refine: re-measure the k winners from differences (see the module
-      docstring); without it the distances are bit-compatible with
+      docstring); without it the distances come from the same expansion as
       :func:`_count_block`.
 
   Returns:
@@ -149,6 +149,12 @@ def _blocks(x: np.ndarray, block: int, fill: float = 0.0) -> np.ndarray:
   return x.reshape(-1, block, *x.shape[1:])
 
 
+def _tile(n: int, block_size: int) -> int:
+  """Tile rows for a set of ``n``: a power of two (at least 64) up to
+  ``block_size``, so sets of similar sizes reuse one compiled program."""
+  return min(block_size, max(64, 1 << max(n - 1, 0).bit_length()))
+
+
 def _query_block(block: int) -> Tuple[int, jax.sharding.Sharding]:
   """Query block size (a multiple of the device count) and its sharding."""
   devices = jax.local_devices()
@@ -178,9 +184,9 @@ def knn_sq(query, reference, k: int, exclude_self: bool = False,
     block_size: rows per tile; peak memory is about ``block_size**2`` floats
       plus the reference set.
     refine: exact distances for the neighbours found (default); ``False``
-      keeps the expansion's values, which :func:`count_in_balls` reproduces
-      bit for bit, so a ball's own k-th neighbour lies exactly on its
-      boundary.
+      keeps the expansion's values, the arithmetic of
+      :func:`count_in_balls`, so that a ball's own k-th neighbour is
+      decided consistently (it lies on the boundary, outside an open ball).
 
   Returns:
     ``(sq_dists [N, k] float32 ascending, indices [N, k] int32)``.
@@ -196,10 +202,10 @@ def knn_sq(query, reference, k: int, exclude_self: bool = False,
     raise ValueError(f"k={k} nearest neighbours requested but only "
                      f"{available} reference rows are available")
   q, r = _centred(query, reference)
-  bq, sharding = _query_block(min(block_size, q.shape[0]))
-  ref = jnp.asarray(_blocks(r, min(block_size, r.shape[0])))
-  valid = jnp.asarray(_blocks(np.ones(r.shape[0], bool),
-                              min(block_size, r.shape[0]), fill=False))
+  bq, sharding = _query_block(_tile(q.shape[0], block_size))
+  br = _tile(r.shape[0], block_size)
+  ref = jnp.asarray(_blocks(r, br))
+  valid = jnp.asarray(_blocks(np.ones(r.shape[0], bool), br, fill=False))
   d_out, i_out = [], []
   for start, qb in zip(range(0, q.shape[0], bq), _blocks(q, bq)):
     d, i = _knn_block(jax.device_put(qb, sharding), jnp.int32(start), ref,
@@ -247,8 +253,8 @@ def count_in_balls(query, centres, sq_radii,
     raise ValueError(f"sq_radii: expected shape ({centres.shape[0]},), got "
                      f"{sq_radii.shape}")
   q, c = _centred(query, centres)
-  bq, sharding = _query_block(min(block_size, q.shape[0]))
-  br = min(block_size, c.shape[0])
+  bq, sharding = _query_block(_tile(q.shape[0], block_size))
+  br = _tile(c.shape[0], block_size)
   ref = jnp.asarray(_blocks(c, br))
   radius2 = jnp.asarray(_blocks(sq_radii, br, fill=-1.0))
   out = [np.asarray(_count_block(jax.device_put(qb, sharding), ref, radius2))

@@ -40,6 +40,9 @@ def _check_pair(x, y) -> Tuple[jax.Array, jax.Array]:
 
 def _per_image(value, x: jax.Array) -> jax.Array:
   """A scalar or ``[B]`` value broadcast against ``x`` ``[B, ...]``."""
+  if isinstance(value, (int, float, np.number, np.ndarray)) and np.any(
+      np.asarray(value) <= 0):
+    raise ValueError(f"data_range must be positive, got {value}")
   v = jnp.asarray(value, jnp.float32)
   if v.ndim == 0:
     return v
@@ -253,7 +256,7 @@ def psnr(x, y, data_range) -> jax.Array:
   ``[B]``); higher is better; ``+inf`` for identical images.
   """
   x, y = _check_pair(x, y)
-  peak = jnp.asarray(data_range, jnp.float32)
+  peak = _per_image(data_range, x).reshape(-1)
   return 10.0 * jnp.log10(peak**2 / mse(x, y))
 
 
