@@ -8,6 +8,9 @@ Modes:
   train   train the configured method; resumes from DIR/checkpoints.
   sample  draw config.sample.num samples from the latest checkpoint into
           DIR/samples/final_step_N.{npz,png}.
+  inspect build the configured data set if needed, print its summary (counts
+          per split and class, shapes, intensities, mask values) and write
+          DIR/inspect/<dataset>_grid.png with the masks overlaid.
 """
 
 import os
@@ -25,7 +28,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics, samples). Default: "
     "workdirs/<config file name>.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "inspect"],
+                          "What to do.")
 
 
 def _default_workdir(config_arg: str) -> str:

@@ -6,7 +6,7 @@ rejects keys the config does not know, so a typo fails before any compilation.
 """
 
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import ml_collections
 
@@ -92,6 +92,218 @@ def data_config(*, res: int, contrasts=("t2w",), batch_size: int = 32,
       eval_split="val",
       cond=cond,
   ))
+
+
+# ---------------------------------------------------------------------------
+# ``data`` sections for users' own data sets. Each helper returns a complete
+# section: the generic keys of :func:`data_config` (batching, normalisation,
+# conditioning) without the phantom's, plus the builder's own keys with their
+# defaults, so every key can be overridden on the command line. Builders and
+# their keys: medgen_jax/data/builders/<dataset>.py.
+
+_PHANTOM_KEYS = ("num_subjects", "snr", "phantom_seed")
+
+
+def _user_data(dataset: str, *, res: int, contrasts, spatial_dims: int,
+               batch_size: int, cond: str, num_classes: int, data_dir: str,
+               **builder_keys: Any) -> ml_collections.ConfigDict:
+  d = data_config(res=res, contrasts=contrasts, batch_size=batch_size,
+                  spatial_dims=spatial_dims, cond=cond).to_dict()
+  for k in _PHANTOM_KEYS:
+    d.pop(k)
+  d.update(dataset=dataset, data_dir=data_dir or default_data_dir(),
+           num_classes=num_classes,
+           # CT windows per contrast: a preset name (brain, subdural, stroke,
+           # bone, lung, abdomen, liver, mediastinum) or (center, width) in
+           # HU; a contrast "ct:bone" uses the preset without an entry here.
+           windows={},
+           # Per-contrast normalisation overriding data.normalization.
+           contrast_normalization={},
+           **builder_keys)
+  return ml_collections.ConfigDict(d)
+
+
+def _label_keys(label_source: str, labels_csv: str, class_names,
+                has_mask: bool) -> Dict[str, Any]:
+  source = label_source or ("csv" if labels_csv else
+                            "mask" if has_mask else "none")
+  return dict(label_source=source, labels_csv=labels_csv,
+              subject_column="subject", label_column="label",
+              class_names=tuple(class_names))
+
+
+def _num_classes(label_source: str, class_names) -> int:
+  if label_source == "csv":
+    return len(class_names)
+  return 2 if label_source == "mask" else 1
+
+
+def _volume_keys(**overrides: Any) -> Dict[str, Any]:
+  """Geometry/intensity keys of the volume builders (see volumes.py)."""
+  keys = dict(
+      slice_axis="axial",         # axial | coronal | sagittal (2D)
+      volume_mode="resize",       # 3D: resize | patches (of res^3 voxels)
+      patch_stride=0,             # 0: res (no overlap)
+      target_spacing=(),          # (x, y, z) mm in RAS order; () = native
+      crop_foreground=True,
+      crop_margin=2,
+      foreground_threshold=0.05,  # fraction of the [p0.5, p99.5] range
+      min_foreground=0.05,        # drop slices/patches with less foreground
+      keep_aspect=True,           # pad to a square/cube before resizing
+      volume_norm="none",         # per-volume: none | zscore | minmax
+      volume_percentiles=(0.5, 99.5),
+      split_seed=0,
+      split_fractions=(0.7, 0.15, 0.15),
+  )
+  unknown = sorted(set(overrides) - set(keys))
+  if unknown:
+    raise ValueError(f"unknown data key(s) {unknown}; known: {sorted(keys)}")
+  keys.update(overrides)
+  return keys
+
+
+def nifti_data_config(*, root: str, modalities: Mapping[str, str],
+                      mask: str = "", mask_values=(), labels_csv: str = "",
+                      class_names=(), label_source: str = "", res: int = 64,
+                      spatial_dims: int = 2, contrasts=None,
+                      batch_size: int = 32, cond: str = "",
+                      data_dir: str = "", skip_incomplete: bool = False,
+                      affine_tol: float = 1e-3,
+                      **volume_keys: Any) -> ml_collections.ConfigDict:
+  """The ``data`` section of a ``nifti_folder`` data set.
+
+  Args:
+    root: folder with the volumes.
+    modalities: feature name -> path pattern relative to ``root`` with
+      ``{subject}`` (e.g. ``{"t1": "{subject}/*_t1.nii.gz"}``).
+    mask: path pattern of the label maps ("" for none).
+    mask_values: allowed label values, stored as their index (BraTS:
+      ``(0, 1, 2, 4)``); ``()`` keeps 0..255 as they are.
+    labels_csv: per-subject classes (columns ``subject``, ``label`` and
+      optionally ``split``), relative to ``root``.
+    class_names: the classes, in label order (needed with a labels CSV).
+    label_source: ``csv``, ``mask`` (label = the example shows the mask) or
+      ``none``; default: ``csv`` with a CSV, else ``mask`` with a mask.
+    res: output side; ``spatial_dims`` 2 gives slices, 3 volumes/patches.
+    contrasts: image channels (default: all modalities, in order).
+    skip_incomplete: skip subjects lacking a file instead of failing.
+    affine_tol: largest affine difference (mm) between a subject's volumes.
+    **volume_keys: overrides of the geometry keys (``slice_axis``,
+      ``target_spacing``, ``volume_norm``, ...; see ``_volume_keys``).
+  """
+  labels = _label_keys(label_source, labels_csv, class_names, bool(mask))
+  return _user_data(
+      "nifti_folder", res=res, spatial_dims=spatial_dims,
+      contrasts=tuple(contrasts or modalities), batch_size=batch_size,
+      cond=cond, data_dir=data_dir,
+      num_classes=_num_classes(labels["label_source"], class_names),
+      root=root, modalities=dict(modalities), mask=mask,
+      mask_values=tuple(mask_values), reorient=True, affine_tol=affine_tol,
+      skip_incomplete=skip_incomplete, **labels,
+      **_volume_keys(**volume_keys))
+
+
+def dicom_data_config(*, root: str, series: Optional[Mapping[str, str]] = None,
+                      mask: str = "auto", labels_csv: str = "",
+                      class_names=(), label_source: str = "", res: int = 64,
+                      spatial_dims: int = 2, contrasts=None,
+                      batch_size: int = 32, cond: str = "",
+                      data_dir: str = "",
+                      **volume_keys: Any) -> ml_collections.ConfigDict:
+  """The ``data`` section of a ``dicom_folder`` data set.
+
+  Args:
+    root: folder searched recursively for DICOM files.
+    series: feature name -> glob on SeriesDescription (case-insensitive),
+      one matching series per subject and feature; default ``{"ct": "*"}``.
+    mask: ``auto`` (DICOM-SEG label maps when the series have them) or
+      ``none``.
+    labels_csv, class_names, label_source, res, spatial_dims, contrasts:
+      as in :func:`nifti_data_config` (subjects are PatientIDs).
+    **volume_keys: overrides of the geometry keys.
+  """
+  series = dict(series or {"ct": "*"})
+  labels = _label_keys(label_source, labels_csv, class_names, False)
+  return _user_data(
+      "dicom_folder", res=res, spatial_dims=spatial_dims,
+      contrasts=tuple(contrasts or series), batch_size=batch_size, cond=cond,
+      data_dir=data_dir,
+      num_classes=_num_classes(labels["label_source"], class_names),
+      root=root, series=series, mask=mask, subject_tag="PatientID",
+      **labels, **_volume_keys(**volume_keys))
+
+
+def medmnist_data_config(*, flag: str, size: int = 28, res: int = 0,
+                         manual_dir: str = "", download: bool = False,
+                         contrasts=None, batch_size: int = 32,
+                         cond: str = "", data_dir: str = ""
+                         ) -> ml_collections.ConfigDict:
+  """The ``data`` section of a MedMNIST(+) data set.
+
+  Args:
+    flag: e.g. ``pathmnist``, ``chestmnist``, ``organmnist3d``.
+    size: 28, 64, 128 or 224 (2D); 28 or 64 (3D): reads
+      ``<flag>.npz`` (28) or ``<flag>_<size>.npz`` from ``manual_dir``.
+    res: output side if different from ``size`` (resized at build time).
+    manual_dir: where the official ``.npz`` files are (default
+      ``<data_dir>/downloads/manual``).
+    download: fetch a missing file from Zenodo (needs network).
+    contrasts: default ``("image",)``, or ``("red", "green", "blue")`` for
+      the RGB sets.
+  """
+  # Imported here: the table is plain data, but configs stay import-light.
+  from medgen_jax.data import medmnist_info  # pylint: disable=import-outside-toplevel
+  info = medmnist_info.info(flag)
+  names = medmnist_info.class_names(flag)
+  return _user_data(
+      "medmnist", res=res or size, spatial_dims=info.spatial_dims,
+      contrasts=tuple(contrasts or medmnist_info.channel_names(flag)),
+      batch_size=batch_size, cond=cond, data_dir=data_dir,
+      num_classes=len(names), flag=flag, size=size, manual_dir=manual_dir,
+      download=download, download_url=medmnist_info.DOWNLOAD_URL)
+
+
+def image_folder_data_config(*, root: str, labels_csv: str = "",
+                             class_names=(), masks_dir: str = "",
+                             mask_values=(), color_mode: str = "gray",
+                             res: int = 64, contrasts=None,
+                             batch_size: int = 32, cond: str = "",
+                             data_dir: str = "", **keys: Any
+                             ) -> ml_collections.ConfigDict:
+  """The ``data`` section of an ``image_folder`` data set (PNG/JPEG/TIFF).
+
+  Args:
+    root: folder with the images.
+    labels_csv: CSV with columns ``file`` (relative to ``root``), ``label``
+      and optionally ``subject`` and ``split``; "" takes the class from the
+      first folder level (``root/<class>/<image>``).
+    class_names: the classes in label order (required).
+    masks_dir: folder with a label map per image at the same relative path
+      (any image extension); "" for none.
+    mask_values: allowed label values (stored as their index); ``()`` keeps
+      0..255.
+    color_mode: ``gray`` (feature ``image``) or ``rgb`` (``red``, ``green``,
+      ``blue``).
+    **keys: ``images_glob``, ``file_column``, ``label_column``,
+      ``subject_column``, ``keep_aspect``, ``split_seed``,
+      ``split_fractions``.
+  """
+  defaults = dict(images_glob="**/*", file_column="file",
+                  label_column="label", subject_column="subject",
+                  keep_aspect=True, split_seed=0,
+                  split_fractions=(0.7, 0.15, 0.15))
+  unknown = sorted(set(keys) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown data key(s) {unknown}; known: "
+                     f"{sorted(defaults)}")
+  channels = ("image",) if color_mode == "gray" else ("red", "green", "blue")
+  return _user_data(
+      "image_folder", res=res, spatial_dims=2,
+      contrasts=tuple(contrasts or channels), batch_size=batch_size,
+      cond=cond, data_dir=data_dir, num_classes=len(class_names), root=root,
+      labels_csv=labels_csv, class_names=tuple(class_names),
+      masks_dir=masks_dir, mask_values=tuple(mask_values),
+      color_mode=color_mode, **{**defaults, **keys})
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -1,5 +1,6 @@
 """What each ``launch.py --mode`` does."""
 
+import json
 import os
 from typing import Any, Dict
 
@@ -62,7 +63,44 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   return out
 
 
-MODES = {"train": train, "sample": sample}
+def inspect(config: ml_collections.ConfigDict, workdir: str
+            ) -> Dict[str, Any]:
+  """Builds the configured data set if needed and describes it.
+
+  Prints counts per split and class, feature shapes and dtypes, intensity
+  ranges and percentiles per contrast and mask label values; writes
+  ``<workdir>/inspect/<dataset>_summary.json`` and ``<dataset>_grid.png``
+  (training examples, normalised as for training, masks overlaid).
+  """
+  from medgen_jax.data import summary as summary_lib  # pylint: disable=import-outside-toplevel
+  d = config.data
+  builder = pipeline.builder_module(d.dataset).prepare(d)
+  names = builder.info.features["label"].names if (
+      "label" in builder.info.features) else []
+  order = [s for s in ("train", "val", "test") if s in builder.info.splits]
+  order += sorted(set(builder.info.splits) - set(order))
+  raw = {s: pipeline.read_split(d, s) for s in order}
+  splits = {s: summary_lib.split_summary(raw[s], d.contrasts, names)
+            for s in order}
+  train_split = d.train_split if d.train_split in raw else order[0]
+  stats = pipeline.normalization_stats(raw[train_split], d)
+  out_dir = os.path.join(workdir, "inspect")
+  os.makedirs(out_dir, exist_ok=True)
+  grid = summary_lib.example_grid(raw[train_split], d, stats)
+  png = viz.save_png(grid, os.path.join(out_dir, f"{d.dataset}_grid.png"))
+  out = {"dataset": d.dataset, "name": f"{builder.name}/"
+         f"{builder.builder_config.name}", "path": str(builder.data_dir),
+         "splits": splits, "normalization": stats, "grid": png}
+  tmp = os.path.join(out_dir, f"{d.dataset}_summary.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(out, f, indent=2, sort_keys=True)
+  os.replace(tmp, tmp[:-len(".tmp")])
+  print(summary_lib.format_summary(out["name"], splits) +
+        f"\n  built in {out['path']}\n  example grid: {png}", flush=True)
+  return out
+
+
+MODES = {"train": train, "sample": sample, "inspect": inspect}
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str):

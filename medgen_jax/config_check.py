@@ -8,7 +8,9 @@ from typing import Any, Iterable, List
 
 import ml_collections
 
+from medgen_jax.data import builder_lib
 from medgen_jax.data import pipeline
+from medgen_jax.data import preprocess
 from medgen_jax.methods import base as methods
 from medgen_jax.nn import conv as conv_lib
 
@@ -41,13 +43,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(f"config is missing sections {missing}")
   d, m, me, o, t, s = (config.data, config.model, config.method, config.optim,
                        config.train, config.sample)
+  missing = [k for k in builder_lib.REQUIRED_DATA_KEYS if k not in d]
+  if missing:
+    raise ConfigError(f"config.data is missing keys {missing}")
   try:
-    pipeline.builder_module(d.dataset)
+    builder = pipeline.builder_module(d.dataset)
   except ValueError as e:
+    builder = None
     errors.append(f"data.dataset: {e}")
+  if hasattr(builder, "validate_config"):
+    # Keys and values only this data set reads (unknown keys included).
+    errors += builder.validate_config(d)
   _one_of(errors, "data.spatial_dims", d.spatial_dims, (2, 3))
   _one_of(errors, "data.normalization", d.normalization,
           pipeline.NORMALIZATIONS)
+  for c, kind in (d.get("contrast_normalization") or {}).items():
+    _one_of(errors, f"data.contrast_normalization.{c}", kind,
+            pipeline.NORMALIZATIONS)
+  for c, window in (d.get("windows") or {}).items():
+    try:
+      preprocess.resolve_window(window)
+    except ValueError as e:
+      errors.append(f"data.windows.{c}: {e}")
   _one_of(errors, "data.cond", d.cond, ("", "label"))
   _positive(errors, "data.res", d.res)
   _positive(errors, "data.batch_size", d.batch_size)

@@ -18,10 +18,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from medgen_jax.data import preprocess
 from medgen_jax.train import sharding as sharding_lib
 
 Arrays = Dict[str, np.ndarray]
 NORMALIZATIONS = ("minmax", "zscore", "none")
+# Label maps passed through to the model arrays: the phantom's tissue classes
+# and lesions, and a user data set's segmentation.
+MASK_KEYS = ("lesion_mask", "tissue", "mask")
+
 
 
 def builder_module(name: str):
@@ -48,23 +53,45 @@ def read_split(data_cfg: ml_collections.ConfigDict, split: str) -> Arrays:
   return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
 
 
+def normalization_kind(data_cfg: ml_collections.ConfigDict,
+                       contrast: str) -> str:
+  """``data.contrast_normalization[contrast]``, else ``data.normalization``."""
+  per = data_cfg.get("contrast_normalization") or {}
+  kind = per.get(contrast, data_cfg.normalization)
+  if kind not in NORMALIZATIONS:
+    raise ValueError(f"data.normalization must be one of {NORMALIZATIONS}, "
+                     f"got {kind!r} for contrast {contrast!r}")
+  return kind
+
+
+def contrast_values(split: Arrays, contrast: str,
+                    data_cfg: ml_collections.ConfigDict) -> np.ndarray:
+  """One channel as float32: feature ``contrast`` (``"ct:bone"`` reads
+  ``ct``), clipped to its CT window if it has one (``data.windows``)."""
+  x = split[contrast.split(":", 1)[0]].astype(np.float32)
+  window = preprocess.window_bounds(data_cfg.get("windows", {}), contrast)
+  return x if window is None else np.clip(x, *window)
+
+
 def normalization_stats(train: Arrays,
                         data_cfg: ml_collections.ConfigDict
                         ) -> Dict[str, Tuple[float, float]]:
   """Per-contrast ``(offset, scale)`` from the TRAINING split only.
 
-  ``minmax``: the clip percentiles map to [-1, 1]; ``zscore``: mean and std;
-  ``none``: identity. Stored with checkpoints so samples can be mapped back
-  to signal units and evaluation uses the same transform.
+  ``minmax``: the clip percentiles (or the contrast's CT window) map to
+  [-1, 1]; ``zscore``: mean and std; ``none``: identity. Stored with
+  checkpoints so samples can be mapped back to signal units and evaluation
+  uses the same transform.
   """
-  kind = data_cfg.normalization
-  if kind not in NORMALIZATIONS:
-    raise ValueError(f"data.normalization must be one of {NORMALIZATIONS}, "
-                     f"got {kind!r}")
   stats = {}
   for c in data_cfg.contrasts:
-    x = train[c].astype(np.float64)
-    if kind == "minmax":
+    kind = normalization_kind(data_cfg, c)
+    x = contrast_values(train, c, data_cfg).astype(np.float64)
+    window = preprocess.window_bounds(data_cfg.get("windows", {}), c)
+    if kind == "minmax" and window:
+      # A CT window is the intensity range of interest: map it to [-1, 1].
+      stats[c] = ((window[0] + window[1]) / 2, (window[1] - window[0]) / 2)
+    elif kind == "minmax":
       lo, hi = np.percentile(x, data_cfg.clip_percentiles)
       stats[c] = (float((lo + hi) / 2), float(max(hi - lo, 1e-8) / 2))
     elif kind == "zscore":
@@ -81,19 +108,20 @@ def to_model_arrays(split: Arrays, data_cfg: ml_collections.ConfigDict,
   Returns:
     ``image`` float32 ``[N, *spatial, C]`` (C = number of contrasts, in
     ``data_cfg.contrasts`` order), ``label`` int32 ``[N]``, and the masks the
-    data set has (``lesion_mask``, ``tissue``) as uint8 ``[N, *spatial]``.
+    data set has (``lesion_mask``, ``tissue``, ``mask``) as uint8
+    ``[N, *spatial]``.
   """
   chans = []
   for c in data_cfg.contrasts:
     offset, scale = stats[c]
-    x = (split[c].astype(np.float32) - offset) / scale
-    if data_cfg.normalization == "minmax":
+    x = (contrast_values(split, c, data_cfg) - offset) / scale
+    if normalization_kind(data_cfg, c) == "minmax":
       x = np.clip(x, -1.0, 1.0)
     chans.append(x)
   out = {"image": np.stack(chans, axis=-1).astype(np.float32)}
   if "label" in split:
     out["label"] = split["label"].astype(np.int32)
-  for k in ("lesion_mask", "tissue"):
+  for k in MASK_KEYS:
     if k in split:
       out[k] = split[k].astype(np.uint8)
   return out

@@ -1,0 +1,532 @@
+"""TFDS builder for folders of DICOM series (CT, MR), with DICOM-SEG masks.
+
+Every file under ``data.root`` is read (headers first); files that are not
+DICOM are skipped unless their extension says they should be (``.dcm``).
+Images are grouped by SeriesInstanceUID and series by subject (PatientID, or
+``data.subject_tag``). ``data.series`` maps feature names to globs on the
+SeriesDescription (case-insensitive); each subject needs exactly one
+matching series per feature, and a subject's series must share one voxel
+grid (checked), so several contrasts become co-registered channels.
+
+Slices are sorted by ImagePositionPatient along the slice normal (the cross
+product of the ImageOrientationPatient directions); duplicated positions and
+gaps (a missing slice) are errors. RescaleSlope/RescaleIntercept are applied
+per slice, so CT is in Hounsfield units; CT windows are applied in the input
+pipeline (``data.contrasts=("ct:brain",)`` or ``data.windows``). A DICOM-SEG
+object referencing a selected series becomes the ``mask`` feature (voxel =
+segment number; a later segment wins where segments overlap); frames are
+matched to slices by ReferencedSOPInstanceUID, or by position when a frame
+has none. Volumes then go through :mod:`medgen_jax.data.volumes` (RAS,
+resampling, slices / volumes / patches), as NIfTI volumes do.
+
+Enhanced (multi-frame) CT/MR images are not read: convert them to NIfTI
+(e.g. dcm2niix) and use ``nifti_folder``.
+"""
+
+import dataclasses
+import fnmatch
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pydicom
+import tensorflow_datasets as tfds
+from pydicom.errors import InvalidDicomError
+
+from medgen_jax.data import builder_lib
+from medgen_jax.data import volumes
+from medgen_jax.data.builder_lib import DataError, file_error
+
+NAME = "dicom_folder"
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+MASK_MODES = ("auto", "none")
+_REQUIRED = ("root",)
+_IMAGE_TAGS = ("SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient",
+               "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+
+
+@dataclasses.dataclass(frozen=True)
+class DicomSettings:
+  """What determines the built data set (hashed into its name).
+
+  Attributes:
+    root: the folder (absolute), searched recursively.
+    series: feature name -> SeriesDescription glob.
+    mask: ``auto`` (DICOM-SEG label maps when present) or ``none``.
+    subject_tag: the DICOM attribute naming a subject.
+    split_seed, split_fractions: the random subject split.
+    labels: class-label settings.
+    volume: geometry and intensity settings.
+  """
+
+  root: str
+  series: Dict[str, str]
+  mask: str = "auto"
+  subject_tag: str = "PatientID"
+  split_seed: int = 0
+  split_fractions: Tuple[float, ...] = builder_lib.DEFAULT_SPLIT_FRACTIONS
+  labels: builder_lib.LabelSettings = builder_lib.LabelSettings()
+  volume: volumes.VolumeSettings = volumes.VolumeSettings()
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """One image file of a series (header values only)."""
+
+  path: str
+  sop_uid: str
+  position: np.ndarray   # ImagePositionPatient (LPS mm)
+  orientation: np.ndarray  # ImageOrientationPatient (6 cosines)
+  spacing: Tuple[float, float]  # PixelSpacing (row, column) mm
+  shape: Tuple[int, int]  # (Rows, Columns)
+
+
+@dataclasses.dataclass(frozen=True)
+class Series:
+  """An image series sorted along its slice normal."""
+
+  uid: str
+  description: str
+  subject: str
+  slices: Tuple[Slice, ...]
+
+  @property
+  def folder(self) -> str:
+    return os.path.dirname(self.slices[0].path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Seg:
+  """A DICOM-SEG object (header values only)."""
+
+  path: str
+  series_uid: str  # the referenced image series
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+  name: str
+  series: Dict[str, Series]
+  seg: Optional[Seg]
+
+
+# ----------------------------------------------------------------- config ---
+
+
+def settings(data_cfg) -> DicomSettings:
+  root = os.path.abspath(os.path.expanduser(str(data_cfg.get("root", ""))))
+  return builder_lib.settings_from(
+      DicomSettings, data_cfg, root=root,
+      series=dict(builder_lib.plain(data_cfg.get("series", {"ct": "*"}))),
+      labels=builder_lib.settings_from(builder_lib.LabelSettings, data_cfg),
+      volume=builder_lib.settings_from(volumes.VolumeSettings, data_cfg))
+
+
+def _optional_keys() -> Tuple[str, ...]:
+  own = [f.name for f in dataclasses.fields(DicomSettings)
+         if f.name not in _REQUIRED + ("labels", "volume")]
+  return tuple(own + [f.name for f in dataclasses.fields(
+      builder_lib.LabelSettings)] + [f.name for f in dataclasses.fields(
+          volumes.VolumeSettings)])
+
+
+def validate_config(data_cfg) -> List[str]:
+  """Problems of a ``dicom_folder`` data section, one message each."""
+  errors = builder_lib.check_keys(data_cfg, NAME, _REQUIRED, _optional_keys())
+  if errors:
+    return errors
+  try:
+    s = settings(data_cfg)
+  except (TypeError, ValueError) as e:
+    return [f"data: {e}"]
+  if not s.series:
+    errors.append("data.series is empty: map feature names to "
+                  "SeriesDescription globs, e.g. {'ct': '*'}")
+  if s.mask not in MASK_MODES:
+    errors.append(f"data.mask={s.mask!r} must be one of {MASK_MODES}")
+  errors += s.volume.problems()
+  errors += s.labels.problems(s.mask == "auto")
+  errors += builder_lib.check_contrasts(data_cfg.contrasts, tuple(s.series),
+                                        NAME)
+  errors += builder_lib.check_num_classes(data_cfg, s.labels.names())
+  return errors
+
+
+# ---------------------------------------------------------------- headers ---
+
+
+def _read_header(path: str) -> Optional[pydicom.Dataset]:
+  """The header, None for a non-DICOM file (unless named ``*.dcm``)."""
+  try:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+  except InvalidDicomError as e:
+    if path.lower().endswith(DICOM_SUFFIXES):
+      raise file_error(path, f"not a valid DICOM file ({e})") from None
+    return None
+  except Exception as e:  # truncated headers raise many types.
+    raise file_error(path, f"corrupt or truncated DICOM header "
+                     f"({type(e).__name__}: {e})") from None
+
+
+def _tag(ds: pydicom.Dataset, name: str, path: str) -> Any:
+  value = ds.get(name)
+  if value is None or value == "":
+    raise file_error(path, f"DICOM attribute {name} is missing")
+  return value
+
+
+def _slice(ds: pydicom.Dataset, path: str) -> Slice:
+  for name in _IMAGE_TAGS:
+    _tag(ds, name, path)
+  if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+    raise file_error(path, "enhanced multi-frame images are not supported; "
+                     "convert the series to NIfTI (e.g. dcm2niix) and use "
+                     "nifti_folder")
+  return Slice(path, str(ds.SOPInstanceUID),
+               np.asarray(ds.ImagePositionPatient, np.float64),
+               np.asarray(ds.ImageOrientationPatient, np.float64),
+               tuple(float(v) for v in ds.PixelSpacing),
+               (int(ds.Rows), int(ds.Columns)))
+
+
+def slice_normal(orientation: np.ndarray) -> np.ndarray:
+  return np.cross(orientation[:3], orientation[3:])
+
+
+def sort_slices(slices: Sequence[Slice]) -> Tuple[Slice, ...]:
+  """Sorted along the normal; checks a consistent, gap-free geometry.
+
+  Raises:
+    DataError: differing orientation/size/spacing, a duplicated position,
+      or uneven spacing (a missing slice).
+  """
+  ref = slices[0]
+  for s in slices[1:]:
+    if not np.allclose(s.orientation, ref.orientation, atol=1e-4):
+      raise file_error(s.path, f"ImageOrientationPatient {s.orientation} "
+                       f"differs from {ref.orientation} of {ref.path}")
+    if s.shape != ref.shape or not np.allclose(s.spacing, ref.spacing,
+                                               atol=1e-4):
+      raise file_error(s.path, f"{s.shape} pixels of {s.spacing} mm differ "
+                       f"from {ref.shape} of {ref.spacing} mm in {ref.path}")
+  normal = slice_normal(ref.orientation)
+  order = sorted(slices, key=lambda s: float(s.position @ normal))
+  depth = np.asarray([s.position @ normal for s in order])
+  if len(order) > 1:
+    gaps = np.diff(depth)
+    i = int(np.argmin(gaps))
+    if gaps[i] < 1e-3:
+      raise file_error(order[i + 1].path, f"same slice position as "
+                       f"{order[i].path} (duplicate instance?)")
+    med = float(np.median(gaps))
+    j = int(np.argmax(np.abs(gaps - med)))
+    if abs(gaps[j] - med) > 0.1 * med:
+      raise file_error(order[j + 1].path, (
+          f"slice spacing {gaps[j]:.3g} mm to {order[j].path} differs from "
+          f"the series' {med:.3g} mm (missing slice?)"))
+  return tuple(order)
+
+
+def series_grid(series: Series) -> Tuple[Tuple[int, ...], np.ndarray, str]:
+  """``(shape [cols, rows, slices], RAS affine, path)`` from the headers.
+
+  Voxel ``(i, j, k)`` is column ``i``, row ``j`` of slice ``k``; DICOM
+  patient coordinates are LPS, so x and y flip for RAS.
+  """
+  s0 = series.slices[0]
+  o = s0.orientation
+  normal = slice_normal(o)
+  step = (float(np.median(np.diff([s.position @ normal
+                                   for s in series.slices])))
+          if len(series.slices) > 1 else 1.0)
+  lps = np.eye(4)
+  lps[:3, 0] = o[:3] * s0.spacing[1]
+  lps[:3, 1] = o[3:] * s0.spacing[0]
+  lps[:3, 2] = normal * step
+  lps[:3, 3] = s0.position
+  shape = (s0.shape[1], s0.shape[0], len(series.slices))
+  return shape, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, s0.path
+
+
+def scan_folder(s: DicomSettings) -> Tuple[List[Series], List[Seg]]:
+  """All image series and SEG objects under ``s.root`` (headers only)."""
+  root = builder_lib.require_dir(s.root)
+  files = [f for f in builder_lib.walk_files(root)
+           if os.path.basename(f).upper() != "DICOMDIR"]
+  if not files:
+    raise DataError(f"{root}: empty folder (no files)")
+  groups: Dict[str, List[Slice]] = {}
+  info: Dict[str, Tuple[str, str]] = {}
+  segs = []
+  for rel in files:
+    path = os.path.join(root, rel)
+    ds = _read_header(path)
+    if ds is None:
+      continue
+    if ds.get("SOPClassUID") == SEG_SOP_CLASS or ds.get("Modality") == "SEG":
+      refs = ds.get("ReferencedSeriesSequence") or []
+      if not refs:
+        raise file_error(path, "DICOM-SEG without ReferencedSeriesSequence")
+      segs.append(Seg(path, str(refs[0].SeriesInstanceUID)))
+      continue
+    if "PixelData" not in ds and ds.get("Rows") is None:
+      continue  # e.g. structured reports or presentation states.
+    sl = _slice(ds, path)
+    uid = str(ds.SeriesInstanceUID)
+    groups.setdefault(uid, []).append(sl)
+    info[uid] = (str(ds.get("SeriesDescription", "")),
+                 str(_tag(ds, s.subject_tag, path)))
+  if not groups:
+    raise DataError(f"{root}: no DICOM image series found ({len(files)} "
+                    "files)")
+  series = [Series(uid, info[uid][0], info[uid][1], sort_slices(sl))
+            for uid, sl in sorted(groups.items())]
+  return series, segs
+
+
+def find_subjects(s: DicomSettings) -> List[Subject]:
+  """Selected series (and SEG) per subject; checks presence, not pixels."""
+  all_series, segs = scan_folder(s)
+  by_subject: Dict[str, List[Series]] = {}
+  for x in all_series:
+    by_subject.setdefault(x.subject, []).append(x)
+  seg_of: Dict[str, List[Seg]] = {}
+  for g in segs:
+    seg_of.setdefault(g.series_uid, []).append(g)
+  subjects = []
+  for name, group in sorted(by_subject.items()):
+    chosen = {}
+    for feature, pattern in s.series.items():
+      hits = [x for x in group
+              if fnmatch.fnmatch(x.description.lower(), pattern.lower())]
+      if not hits:
+        raise file_error(group[0].folder, (
+            f"missing series {feature!r} for subject {name!r}: no "
+            f"SeriesDescription matches {pattern!r} (has "
+            f"{sorted(x.description for x in group)})"))
+      if len(hits) > 1:
+        raise file_error(hits[0].folder, (
+            f"{len(hits)} series of subject {name!r} match {feature!r} "
+            f"pattern {pattern!r}: {[(x.description, x.folder) for x in hits]}"
+            "; make data.series more specific or set data.subject_tag="
+            "'StudyInstanceUID'"))
+      chosen[feature] = hits[0]
+    found = [g for x in chosen.values() for g in seg_of.get(x.uid, [])]
+    if len(found) > 1:
+      raise file_error(found[1].path, f"second DICOM-SEG for subject {name!r} "
+                       f"(also {found[0].path}); keep one per subject")
+    subjects.append(Subject(name, chosen,
+                            found[0] if found and s.mask == "auto" else None))
+  with_seg = [x.name for x in subjects if x.seg]
+  if with_seg and len(with_seg) < len(subjects):
+    lacking = next(x for x in subjects if not x.seg)
+    raise file_error(next(iter(lacking.series.values())).folder, (
+        f"no DICOM-SEG for subject {lacking.name!r} while {len(with_seg)} "
+        "other subjects have one; add it, or set data.mask='none'"))
+  return subjects
+
+
+# ------------------------------------------------------------------ pixels --
+
+
+def _dataset(path: str) -> Tuple[pydicom.Dataset, np.ndarray]:
+  """The full dataset and its pixel array (errors name the file)."""
+  try:
+    ds = pydicom.dcmread(path)
+    return ds, ds.pixel_array
+  except Exception as e:  # truncated pixel data, missing codecs, ...
+    raise file_error(path, f"cannot read pixel data, file corrupt or "
+                     f"truncated ({type(e).__name__}: {e})") from None
+
+
+def read_series(series: Series) -> volumes.Scan:
+  """The series as a float32 volume ``[cols, rows, slices]`` (HU for CT)."""
+  shape, affine, _ = series_grid(series)
+  vol = np.empty(shape, np.float32)
+  for k, sl in enumerate(series.slices):
+    ds, pixels = _dataset(sl.path)
+    if pixels.shape != sl.shape:
+      raise file_error(sl.path, f"pixel array {pixels.shape} does not match "
+                       f"Rows x Columns {sl.shape}")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    vol[:, :, k] = (pixels.astype(np.float32) * slope + intercept).T
+  return volumes.Scan(vol, affine, series.folder)
+
+
+def read_seg(seg: Seg, series: Series) -> Tuple[volumes.Scan, Dict[int, str]]:
+  """The SEG on the series' grid: voxel = segment number (0: none).
+
+  Returns:
+    ``(label map scan, {segment number: label})``.
+  """
+  ds, frames = _dataset(seg.path)
+  shape, affine, _ = series_grid(series)
+  n = int(ds.get("NumberOfFrames", 1) or 1)
+  frames = frames.reshape(n, *frames.shape[-2:])
+  if frames.shape[1:] != series.slices[0].shape:
+    raise file_error(seg.path, f"frames of {frames.shape[1:]} pixels do not "
+                     f"match the {series.slices[0].shape} of series "
+                     f"{series.folder}")
+  if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":
+    frames = frames > float(ds.get("MaximumFractionalValue", 255)) / 2
+  segments = {int(x.SegmentNumber): str(x.get("SegmentLabel", ""))
+              for x in ds.get("SegmentSequence", [])}
+  groups = ds.get("PerFrameFunctionalGroupsSequence") or []
+  if len(groups) != n:
+    raise file_error(seg.path, f"{len(groups)} per-frame functional groups "
+                     f"for {n} frames")
+  by_sop = {s.sop_uid: k for k, s in enumerate(series.slices)}
+  normal = slice_normal(series.slices[0].orientation)
+  depth = np.asarray([s.position @ normal for s in series.slices])
+  step = float(np.median(np.diff(depth))) if len(depth) > 1 else 1.0
+  labels = np.zeros(shape, np.uint8)
+  order = []
+  for f, g in enumerate(groups):
+    try:
+      number = int(g.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    except (AttributeError, IndexError):
+      raise file_error(seg.path, f"frame {f + 1} has no "
+                       "ReferencedSegmentNumber") from None
+    if number not in segments or not 0 < number < 256:
+      raise file_error(seg.path, f"frame {f + 1} refers to unknown segment "
+                       f"{number} (SegmentSequence has {sorted(segments)})")
+    order.append((number, f, _frame_slice(seg.path, f, g, by_sop, depth,
+                                          normal, step)))
+  for number, f, k in sorted(order):  # higher segment numbers win overlaps.
+    labels[:, :, k] = np.where(frames[f].T > 0, np.uint8(number),
+                               labels[:, :, k])
+  return volumes.Scan(labels, affine, seg.path), segments
+
+
+def _frame_slice(path: str, f: int, group, by_sop: Dict[str, int],
+                 depth: np.ndarray, normal: np.ndarray, step: float) -> int:
+  """Slice index of SEG frame ``f``: by referenced SOP, else by position."""
+  for der in group.get("DerivationImageSequence") or []:
+    for src in der.get("SourceImageSequence") or []:
+      uid = str(src.get("ReferencedSOPInstanceUID", ""))
+      if uid in by_sop:
+        return by_sop[uid]
+      if uid:
+        raise file_error(path, f"frame {f + 1} references SOP instance "
+                         f"{uid}, which is not in the image series")
+  planes = group.get("PlanePositionSequence") or []
+  if not planes:
+    raise file_error(path, f"frame {f + 1} has neither a source image nor "
+                     "a plane position")
+  d = float(np.asarray(planes[0].ImagePositionPatient, np.float64) @ normal)
+  k = int(np.argmin(np.abs(depth - d)))
+  if abs(depth[k] - d) > 0.5 * abs(step):
+    raise file_error(path, f"frame {f + 1} at {d:.2f} mm along the normal "
+                     "lies on no slice of the image series")
+  return k
+
+
+# ----------------------------------------------------------------- builder --
+
+
+def _features(s: DicomSettings, has_mask: bool) -> tfds.features.FeaturesDict:
+  v = s.volume
+  feats = builder_lib.image_features(s.series, v.shape,
+                                     ("mask",) if has_mask else ())
+  feats["label"] = tfds.features.ClassLabel(names=list(s.labels.names()))
+  feats.update(builder_lib.id_features())
+  if v.patches:
+    feats["patch_origin"] = tfds.features.Tensor(shape=(3,), dtype=np.int32)
+  return tfds.features.FeaturesDict(feats)
+
+
+class DicomFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """DICOM series per subject (+ DICOM-SEG), as slices, volumes or patches."""
+
+  VERSION = tfds.core.Version(builder_lib.VERSION)
+  RELEASE_NOTES = {builder_lib.VERSION: "Initial release."}
+
+  def __init__(self, *, settings: DicomSettings, has_mask: bool,  # pylint: disable=redefined-outer-name
+               subjects: Sequence[Subject] = (), **kwargs):
+    self._settings = settings
+    self._has_mask = has_mask
+    self._subjects = tuple(subjects)
+    super().__init__(file_format=tfds.core.FileFormat.ARRAY_RECORD, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    s = self._settings
+    return self.dataset_info_from_configs(
+        description=(f"DICOM series from {s.root} ({sorted(s.series)}), "
+                     "split by subject."),
+        features=_features(s, self._has_mask),
+        metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Local files only.
+    s = self._settings
+    for subject in self._subjects:  # geometry first: fail before writing.
+      grids = [series_grid(x) for x in subject.series.values()]
+      for g in grids[1:]:
+        volumes.check_same_grid(grids[0], g, tol=1e-3)
+    names = [x.name for x in self._subjects]
+    labels, explicit = builder_lib.subject_labels(s.labels, names, s.root)
+    splits = builder_lib.assign_splits(names, s.split_seed, s.split_fractions,
+                                       explicit, source=s.root)
+    self.info.metadata.update(subjects={k: list(v) for k, v in splits.items()},
+                              root=s.root, segments={})
+    by_name = {x.name: x for x in self._subjects}
+    ids = {n: i for i, n in enumerate(sorted(names))}
+    return {split: self._generate_examples(split, [by_name[n] for n in sel],
+                                           labels, ids)
+            for split, sel in splits.items()}
+
+  def _generate_examples(self, split, subjects, labels, ids):
+    s = self._settings
+    count = 0
+    for subject in subjects:
+      images = {f: read_series(x) for f, x in subject.series.items()}
+      mask = None
+      if subject.seg:
+        ref = next(x for x in subject.series.values()
+                   if x.uid == subject.seg.series_uid)
+        mask, segments = read_seg(subject.seg, ref)
+        for k, v in segments.items():
+          self.info.metadata["segments"].setdefault(str(k), v)
+      for key, ex in volumes.subject_examples(
+          images, mask, s.volume, subject=subject.name,
+          subject_id=ids[subject.name], label=labels[subject.name],
+          label_source=s.labels.label_source):
+        count += 1
+        yield key, ex
+    builder_lib.require_examples(
+        count, split, f"subjects {[x.name for x in subjects]} gave no "
+        "slices/patches above data.min_foreground; lower it")
+
+
+def load_builder(data_cfg) -> DicomFolder:
+  """The builder of ``data_cfg`` (reads headers; builds nothing)."""
+  errors = validate_config(data_cfg)
+  if errors:
+    raise ValueError("invalid dicom_folder config:\n  - " +
+                     "\n  - ".join(errors))
+  s = settings(data_cfg)
+  subjects = find_subjects(s)
+  has_mask = any(x.seg for x in subjects)
+  if s.labels.label_source == "mask" and not has_mask:
+    raise DataError(f"{s.root}: data.label_source='mask' but no series has "
+                    "a DICOM-SEG")
+  files = [sl.path for x in subjects for ser in x.series.values()
+           for sl in ser.slices] + [x.seg.path for x in subjects if x.seg]
+  if s.labels.labels_csv:
+    csv_path = builder_lib.resolve_path(s.labels.labels_csv, s.root)
+    files += [csv_path] if os.path.isfile(csv_path) else []
+  config = builder_lib.FolderConfig(
+      name=builder_lib.config_name(os.path.basename(s.root), s,
+                                   builder_lib.source_fingerprint(files)),
+      version=builder_lib.VERSION,
+      description=f"{len(subjects)} subjects from {s.root}",
+      settings=builder_lib.settings_json(s))
+  return DicomFolder(settings=s, has_mask=has_mask, subjects=subjects,
+                     config=config, data_dir=str(data_cfg.data_dir))
+
+
+def prepare(data_cfg) -> DicomFolder:
+  """:func:`load_builder`, building the data set first if it is missing."""
+  return builder_lib.build(load_builder(data_cfg), str(data_cfg.data_dir))
