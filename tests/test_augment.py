@@ -167,7 +167,8 @@ def test_intensity_leaves_masks_and_stays_finite(intensity_fn, batch2d):
   # intensity_channels=(0,): channel 1 is untouched.
   np.testing.assert_array_equal(out["image"][..., 1],
                                 batch2d["image"][..., 1])
-  x, x0 = np.asarray(out["image"][..., :1]), np.asarray(batch2d["image"][..., :1])
+  x = np.asarray(out["image"][..., :1])
+  x0 = np.asarray(batch2d["image"][..., :1])
   assert np.isfinite(x).all()
   assert np.abs(x - x0).mean() > 0.02
   # clip="input": each example keeps its per-channel input range.

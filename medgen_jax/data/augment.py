@@ -282,7 +282,7 @@ def affine_units(spatial_dims: int) -> int:
 
 def affine_from_units(u: jax.Array, cfg: Any,
                       shape: Sequence[int]) -> jax.Array:
-  """The forward affine for uniforms ``u`` ``[affine_units(d)]``, ``[d+1, d+1]``.
+  """Forward affine ``[d+1, d+1]`` from uniforms ``u`` ``[affine_units(d)]``.
 
   ``L = rotation @ shear @ diag(zoom)`` maps input voxel ``x`` to output
   voxel ``L (x - c) + c + t``, with ``c`` the centre and ``t`` the shift in
@@ -319,7 +319,7 @@ def affine_matrix(rng: jax.Array, cfg: Any,
 
 
 def flip_matrix(flips: jax.Array, shape: Sequence[int]) -> jax.Array:
-  """Mirror along the axes where ``flips`` (bool ``[d]``) is set, ``[d+1, d+1]``."""
+  """Homogeneous mirror ``[d+1, d+1]`` of the axes set in ``flips`` ``[d]``."""
   sign = jnp.where(flips, -1.0, 1.0).astype(jnp.float32)
   offset = jnp.where(flips, jnp.asarray(shape, jnp.float32) - 1.0, 0.0)
   return _homogeneous(jnp.diag(sign), offset)
@@ -565,7 +565,7 @@ def bias_field(rng: jax.Array, shape: Sequence[int], order: int,
 
 def apply_bias(image: jax.Array, field: jax.Array,
                background: jax.Array) -> jax.Array:
-  """Scales the signal above ``background`` (``[1.., C]``) by ``field`` ``[*S]``.
+  """Scales the signal above ``background`` ``[1.., C]`` by ``field`` ``[*S]``.
 
   Normalised intensities are an affine map of the MR signal with the
   background at the minimum, so a receive-coil bias multiplies ``x - bg``.
