@@ -199,3 +199,6 @@ def test_converter_reads_pth_and_fails_before_writing(tmp_path):
   assert not os.path.exists(dst)
   with pytest.raises(FileNotFoundError, match="nothing.pth"):
     conv.convert_file(str(tmp_path / "nothing.pth"), dst)
+  (tmp_path / "junk.pth").write_bytes(b"junk")
+  with pytest.raises(ValueError, match="junk.pth: not a readable PyTorch"):
+    conv.convert_file(str(tmp_path / "junk.pth"), dst)

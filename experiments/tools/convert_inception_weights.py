@@ -58,7 +58,8 @@ def flax_name(torch_name: str) -> str:
                    "BasicConv2d (conv + bn) parameter")
 
 
-def convert_state_dict(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def convert_state_dict(
+    state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
   """PyTorch names and layouts -> the flattened Flax ``.npz`` arrays."""
   out = {}
   for name, value in state.items():
@@ -76,10 +77,14 @@ def convert_state_dict(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]
 
 
 def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """The tensors of a ``.pth`` state dict, as numpy arrays."""
   import torch  # pylint: disable=import-outside-toplevel
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle, zip and torch errors alike
+    raise ValueError(f"{path}: not a readable PyTorch state dict ({e})") from e
   if not isinstance(state, Mapping) or not all(
       isinstance(v, torch.Tensor) for v in state.values()):
     raise ValueError(f"{path}: expected a state dict of tensors")
@@ -89,8 +94,9 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
 def convert_file(src: str, dst: str) -> int:
   """Converts ``src`` (``.pth``) into ``dst`` (``.npz``); returns the number
   of arrays written."""
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  from medgen_jax.eval import inception  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util
+  from medgen_jax.eval import inception
   state = load_torch_state_dict(src)
   try:
     arrays = convert_state_dict(state)

@@ -37,13 +37,25 @@ class FeatureStats:
   num: int
 
 
-def feature_stats(features) -> FeatureStats:
-  """Mean and covariance of ``features`` ``[N, D]`` (N >= 2), in float64."""
-  x = dist.check_features(features, "features", min_rows=2).astype(np.float64)
-  mu = x.mean(axis=0)
-  xc = x - mu
-  sigma = xc.T @ xc / (x.shape[0] - 1)
-  return FeatureStats(mu=mu, sigma=sigma, num=x.shape[0])
+def feature_stats(features, chunk: int = 4096) -> FeatureStats:
+  """Mean and covariance of ``features`` ``[N, D]`` (N >= 2), in float64.
+
+  Accumulated over ``chunk`` rows at a time, so 50k x 2048 float32 features
+  never exist as a float64 copy; rows are shifted by the mean of the first
+  chunk first, which keeps the one-pass formula free of cancellation.
+  """
+  x = dist.check_features(features, "features", min_rows=2)
+  n, d = x.shape
+  shift = x[:chunk].mean(axis=0, dtype=np.float64)
+  total = np.zeros(d)
+  gram = np.zeros((d, d))
+  for start in range(0, n, chunk):
+    xs = x[start:start + chunk].astype(np.float64) - shift
+    total += xs.sum(axis=0)
+    gram += xs.T @ xs
+  mean_shifted = total / n
+  sigma = (gram - n * np.outer(mean_shifted, mean_shifted)) / (n - 1)
+  return FeatureStats(mu=shift + mean_shifted, sigma=sigma, num=n)
 
 
 def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
