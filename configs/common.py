@@ -208,7 +208,8 @@ def dicom_data_config(*, root: str, series: Optional[Mapping[str, str]] = None,
                       class_names=(), label_source: str = "", res: int = 64,
                       spatial_dims: int = 2, contrasts=None,
                       batch_size: int = 32, cond: str = "",
-                      data_dir: str = "",
+                      data_dir: str = "", subject_tag: str = "PatientID",
+                      skip_incomplete: bool = False,
                       **volume_keys: Any) -> ml_collections.ConfigDict:
   """The ``data`` section of a ``dicom_folder`` data set.
 
@@ -219,7 +220,10 @@ def dicom_data_config(*, root: str, series: Optional[Mapping[str, str]] = None,
     mask: ``auto`` (DICOM-SEG label maps when the series have them) or
       ``none``.
     labels_csv, class_names, label_source, res, spatial_dims, contrasts:
-      as in :func:`nifti_data_config` (subjects are PatientIDs).
+      as in :func:`nifti_data_config`.
+    subject_tag: the DICOM attribute naming a subject (``StudyInstanceUID``
+      makes every study an example).
+    skip_incomplete: skip subjects lacking a series instead of failing.
     **volume_keys: overrides of the geometry keys.
   """
   series = dict(series or {"ct": "*"})
@@ -229,8 +233,9 @@ def dicom_data_config(*, root: str, series: Optional[Mapping[str, str]] = None,
       contrasts=tuple(contrasts or series), batch_size=batch_size, cond=cond,
       data_dir=data_dir,
       num_classes=_num_classes(labels["label_source"], class_names),
-      root=root, series=series, mask=mask, subject_tag="PatientID",
-      **labels, **_volume_keys(**volume_keys))
+      root=root, series=series, mask=mask, subject_tag=subject_tag,
+      skip_incomplete=skip_incomplete, **labels,
+      **_volume_keys(**volume_keys))
 
 
 def medmnist_data_config(*, flag: str, size: int = 28, res: int = 0,

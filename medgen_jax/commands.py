@@ -79,7 +79,7 @@ def inspect(config: ml_collections.ConfigDict, workdir: str
       "label" in builder.info.features) else []
   order = [s for s in ("train", "val", "test") if s in builder.info.splits]
   order += sorted(set(builder.info.splits) - set(order))
-  raw = {s: pipeline.read_split(d, s) for s in order}
+  raw = {s: summary_lib.builder_arrays(builder, s) for s in order}
   splits = {s: summary_lib.split_summary(raw[s], d.contrasts, names)
             for s in order}
   train_split = d.train_split if d.train_split in raw else order[0]

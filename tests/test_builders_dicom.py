@@ -175,6 +175,12 @@ def test_series_sorted_rescaled_to_hu_with_seg_masks(built):
       assert set(np.unique(m)) == expected, (k, np.unique(m))
   # Both the SOP-referenced and the position-matched SEG (P00) were used.
   assert all((a["mask"] > 0).any() for a in splits.values())
+  # DICOM columns run toward the patient's left (LPS); the display layout
+  # is neurological (patient left on the left), so columns are mirrored:
+  # segment 2 in DICOM columns 6..8 lands in columns 3..5 of 12.
+  a = splits["train"]
+  m = a["mask"][list(a["slice_index"]).index(3)]
+  assert sorted(set(np.nonzero(m == 2)[1])) == [3, 4, 5]
 
 
 def test_ct_window_preset_in_the_pipeline(built):
@@ -219,6 +225,18 @@ def test_series_picked_by_description_and_3d(tmp_path):
   with pytest.raises(DataError, match=r"2 series of subject 'P0' match 'ct'"):
     dicom_folder.prepare(cfg(f"{tmp_path}/src", tmp_path / "data",
                              series={"ct": "*"}))
+
+
+def test_subject_without_a_matching_series(tmp_path):
+  root, _ = write_root(tmp_path / "src", n=3, seg=False)
+  write_series(f"{root}/P09/scout", "P09", "SCOUT", slices=2)
+  with pytest.raises(DataError, match=r"P09/scout: missing series 'ct' for "
+                     r"subject 'P09': no SeriesDescription matches 'ct\*'"):
+    dicom_folder.prepare(cfg(root, tmp_path / "data", series={"ct": "ct*"}))
+  b = dicom_folder.prepare(cfg(root, tmp_path / "data", series={"ct": "ct*"},
+                               skip_incomplete=True))
+  assert sorted(sum(b.info.metadata["subjects"].values(), [])) == [
+      "P00", "P01", "P02"]
 
 
 # -------------------------------------------------------------- bad input --

@@ -348,7 +348,8 @@ def test_unknown_and_missing_csv_labels(tmp_path):
 def test_ambiguous_pattern(tmp_path):
   root = write_root(tmp_path / "src", n=3)
   _fails(cfg(root, tmp_path / "data", modalities={"t": "{subject}/t*.nii.gz"}),
-         "2 files match t pattern", "more specific")
+         "2 files match modality 't' pattern '{subject}/t*.nii.gz' for "
+         "subject 'sub-00'", "more specific")
 
 
 def test_explicit_split_column(tmp_path):

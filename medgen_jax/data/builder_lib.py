@@ -54,6 +54,11 @@ def file_error(path: str, problem: str) -> DataError:
   return DataError(f"{path}: {problem}")
 
 
+def describe(e: BaseException) -> str:
+  """``"Type: message"`` on one line (library messages may span lines)."""
+  return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 # ------------------------------------------------------------------ config --
 
 
@@ -129,7 +134,8 @@ def config_name(prefix: str, settings, fingerprint: str = "") -> str:
 class FolderConfig(tfds.core.BuilderConfig):
   """TFDS config of a folder data set; ``settings`` is canonical JSON."""
 
-  settings: str = "{}"
+  # Not in the repr: TFDS logs the config, and the name already hashes it.
+  settings: str = dataclasses.field(default="{}", repr=False)
 
 
 # ------------------------------------------------------------------ splits --

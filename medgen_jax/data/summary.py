@@ -18,6 +18,17 @@ PERCENTILES = (0.5, 1.0, 50.0, 99.0, 99.5)
 OVERLAY_KEYS = ("mask", "lesion_mask", "tissue")
 
 
+def builder_arrays(builder, split: str) -> Dict[str, np.ndarray]:
+  """All examples of ``split`` of a prepared builder, stacked ``[N, ...]``.
+
+  As :func:`medgen_jax.data.pipeline.read_split`, without preparing the
+  builder again (a DICOM folder would re-read every header).
+  """
+  source = builder.as_data_source(split=split)
+  examples = source.__getitems__(list(range(len(source))))
+  return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+
+
 def channel_stats(x: np.ndarray) -> Dict[str, float]:
   """min/max/mean/std and :data:`PERCENTILES` of one channel (any shape)."""
   x = np.asarray(x, np.float64).reshape(-1)

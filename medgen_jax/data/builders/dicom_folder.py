@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pydicom
 import tensorflow_datasets as tfds
+from absl import logging
 from pydicom.errors import InvalidDicomError
 
 from medgen_jax.data import builder_lib
@@ -55,6 +56,8 @@ class DicomSettings:
     series: feature name -> SeriesDescription glob.
     mask: ``auto`` (DICOM-SEG label maps when present) or ``none``.
     subject_tag: the DICOM attribute naming a subject.
+    skip_incomplete: skip (and log) subjects lacking a series instead of
+      failing.
     split_seed, split_fractions: the random subject split.
     labels: class-label settings.
     volume: geometry and intensity settings.
@@ -64,6 +67,7 @@ class DicomSettings:
   series: Dict[str, str]
   mask: str = "auto"
   subject_tag: str = "PatientID"
+  skip_incomplete: bool = False
   split_seed: int = 0
   split_fractions: Tuple[float, ...] = builder_lib.DEFAULT_SPLIT_FRACTIONS
   labels: builder_lib.LabelSettings = builder_lib.LabelSettings()
@@ -166,7 +170,7 @@ def _read_header(path: str) -> Optional[pydicom.Dataset]:
     return None
   except Exception as e:  # truncated headers raise many types.
     raise file_error(path, f"corrupt or truncated DICOM header "
-                     f"({type(e).__name__}: {e})") from None
+                     f"({builder_lib.describe(e)})") from None
 
 
 def _tag(ds: pydicom.Dataset, name: str, path: str) -> Any:
@@ -301,10 +305,14 @@ def find_subjects(s: DicomSettings) -> List[Subject]:
       hits = [x for x in group
               if fnmatch.fnmatch(x.description.lower(), pattern.lower())]
       if not hits:
-        raise file_error(group[0].folder, (
-            f"missing series {feature!r} for subject {name!r}: no "
-            f"SeriesDescription matches {pattern!r} (has "
-            f"{sorted(x.description for x in group)})"))
+        msg = (f"missing series {feature!r} for subject {name!r}: no "
+               f"SeriesDescription matches {pattern!r} (has "
+               f"{sorted(x.description for x in group)})")
+        if not s.skip_incomplete:
+          raise file_error(group[0].folder, msg + " (set data.skip_incomplete"
+                           "=True to skip such subjects)")
+        logging.warning("skipping subject: %s", msg)
+        break
       if len(hits) > 1:
         raise file_error(hits[0].folder, (
             f"{len(hits)} series of subject {name!r} match {feature!r} "
@@ -312,6 +320,8 @@ def find_subjects(s: DicomSettings) -> List[Subject]:
             "; make data.series more specific or set data.subject_tag="
             "'StudyInstanceUID'"))
       chosen[feature] = hits[0]
+    if len(chosen) < len(s.series):
+      continue
     found = [g for x in chosen.values() for g in seg_of.get(x.uid, [])]
     if len(found) > 1:
       raise file_error(found[1].path, f"second DICOM-SEG for subject {name!r} "
@@ -337,7 +347,7 @@ def _dataset(path: str) -> Tuple[pydicom.Dataset, np.ndarray]:
     return ds, ds.pixel_array
   except Exception as e:  # truncated pixel data, missing codecs, ...
     raise file_error(path, f"cannot read pixel data, file corrupt or "
-                     f"truncated ({type(e).__name__}: {e})") from None
+                     f"truncated ({builder_lib.describe(e)})") from None
 
 
 def read_series(series: Series) -> volumes.Scan:

@@ -201,7 +201,7 @@ def read_array(path: str) -> np.ndarray:
     raise
   except Exception as e:  # PIL raises OSError/SyntaxError/... for bad files.
     raise file_error(path, f"unreadable image, corrupt or truncated "
-                     f"({type(e).__name__}: {e})") from None
+                     f"({builder_lib.describe(e)})") from None
   if arr.dtype.byteorder == ">":
     arr = arr.astype(arr.dtype.newbyteorder("="))
   return arr
@@ -215,7 +215,7 @@ def read_mask(path: str) -> np.ndarray:
       arr = np.asarray(img.convert("L") if img.mode == "1" else img)
   except Exception as e:  # as in read_array.
     raise file_error(path, f"unreadable mask, corrupt or truncated "
-                     f"({type(e).__name__}: {e})") from None
+                     f"({builder_lib.describe(e)})") from None
   if arr.ndim != 2:
     raise file_error(path, f"mask has shape {arr.shape}; a label map is a "
                      "single-channel image")
@@ -230,7 +230,7 @@ def bit_depth(path: str) -> str:
       mode = img.mode
   except Exception as e:  # as in read_array.
     raise file_error(path, f"unreadable image, corrupt or truncated "
-                     f"({type(e).__name__}: {e})") from None
+                     f"({builder_lib.describe(e)})") from None
   if mode.startswith("I;16"):
     return "16-bit"
   return {"I": "32-bit", "F": "float"}.get(mode, "8-bit")

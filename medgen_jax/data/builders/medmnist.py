@@ -131,7 +131,7 @@ def _split_arrays(path: str, z, split: str, images: bool = True
                      "{train,val,test}_{images,labels})") from None
   except Exception as e:  # zlib/zipfile errors of a damaged member.
     raise file_error(path, f"corrupt or truncated data of split {split!r} "
-                     f"({type(e).__name__}: {e})") from None
+                     f"({builder_lib.describe(e)})") from None
   return images, labels
 
 
@@ -146,8 +146,8 @@ def member_shape(path: str, z, key: str) -> Tuple[int, ...]:
         return tuple(readers[version](f)[0])
     return tuple(z[key].shape)
   except Exception as e:  # damaged member headers.
-    raise file_error(path, f"corrupt array {key} ({type(e).__name__}: "
-                     f"{e})") from None
+    raise file_error(path, f"corrupt array {key} "
+                     f"({builder_lib.describe(e)})") from None
 
 
 def check_image_shape(path: str, split: str, shape: Tuple[int, ...],
@@ -188,7 +188,7 @@ def check_file(path: str) -> None:
       keys = set(z.files)
   except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
     raise file_error(path, f"not a readable .npz file, corrupt or truncated "
-                     f"({type(e).__name__}: {e})") from None
+                     f"({builder_lib.describe(e)})") from None
   need = {f"{s}_{k}" for s in builder_lib.SPLITS for k in ("images",
                                                            "labels")}
   if need - keys:

@@ -27,7 +27,7 @@ Usage::
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -157,6 +157,7 @@ def _one_file(root: str, subject: str, what: str, pattern: str,
               found: Mapping[str, List[str]]) -> Optional[str]:
   paths = found.get(subject, [])
   if len(paths) > 1:
+    what = "the label map" if what == "mask" else f"modality {what!r}"
     raise file_error(os.path.join(root, paths[0]), (
         f"{len(paths)} files match {what} pattern {pattern!r} for subject "
         f"{subject!r} ({paths}); make the pattern more specific"))
@@ -214,8 +215,8 @@ def _load(path: str) -> "nib.spatialimages.SpatialImage":
   try:
     return nib.load(path)
   except Exception as e:  # nibabel raises many types for broken files.
-    raise file_error(path, f"not a readable NIfTI file ({type(e).__name__}: "
-                     f"{e})") from None
+    raise file_error(path, f"not a readable NIfTI file "
+                     f"({builder_lib.describe(e)})") from None
 
 
 def header_grid(path: str) -> Tuple[Tuple[int, ...], np.ndarray, str]:
@@ -237,7 +238,7 @@ def read_scan(path: str, mask_values: Optional[Sequence[int]] = None
     data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
   except Exception as e:  # truncated gzip / short files / bad dtypes.
     raise file_error(path, f"truncated or corrupt image data "
-                     f"({type(e).__name__}: {e})") from None
+                     f"({builder_lib.describe(e)})") from None
   if mask_values is not None:
     data = volumes.check_mask_values(data, mask_values, path)
   return volumes.Scan(data, np.asarray(img.affine), path)
