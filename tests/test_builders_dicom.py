@@ -183,6 +183,21 @@ def test_series_sorted_rescaled_to_hu_with_seg_masks(built):
   assert sorted(set(np.nonzero(m == 2)[1])) == [3, 4, 5]
 
 
+def test_a_built_set_opens_without_reading_headers(built, monkeypatch):
+  c, builder, _ = built
+  assert dicom_folder.DicomFolder.name == dicom_folder.NAME
+
+  def no_scan(*args):
+    raise AssertionError(f"headers read again: {args}")
+
+  monkeypatch.setattr(dicom_folder, "find_subjects", no_scan)
+  again = dicom_folder.prepare(c)
+  assert again.data_dir == builder.data_dir
+  assert again.info.features.keys() == builder.info.features.keys()
+  assert len(again.as_data_source("train")) == builder.info.splits[
+      "train"].num_examples
+
+
 def test_ct_window_preset_in_the_pipeline(built):
   c, _, _ = built
   raw = pipeline.read_split(c, "train")

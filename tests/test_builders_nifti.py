@@ -1,5 +1,6 @@
 """nifti_folder: layouts, geometry, labels, training on it, and bad input."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -10,7 +11,9 @@ import pytest
 
 from configs import common, ddpm
 from medgen_jax import config_check
+from medgen_jax.data import builder_lib
 from medgen_jax.data import pipeline
+from medgen_jax.data import volumes
 from medgen_jax.data.builder_lib import DataError
 from medgen_jax.data.builders import nifti_folder
 
@@ -360,6 +363,17 @@ def test_explicit_split_column(tmp_path):
   b = nifti_folder.prepare(cfg(root, tmp_path / "data"))
   assert b.info.metadata["subjects"] == {
       "train": ["sub-02", "sub-03"], "val": ["sub-01"], "test": ["sub-00"]}
+
+
+def test_helper_defaults_are_the_builder_defaults():
+  """configs/common.py spells out every key; its defaults must not drift."""
+  c = common.nifti_data_config(root="/r", modalities=MODALITIES)
+  s = nifti_folder.settings(c)
+  assert s.volume == dataclasses.replace(volumes.VolumeSettings(), res=64)
+  assert s.labels == builder_lib.LabelSettings()
+  base = nifti_folder.NiftiSettings(root=s.root, modalities=MODALITIES)
+  assert s == base
+  assert not nifti_folder.validate_config(c)
 
 
 def test_config_errors_name_the_key():

@@ -347,6 +347,20 @@ def build(builder: tfds.core.DatasetBuilder, data_dir: str
   return builder
 
 
+def prepared_builder(data_dir: str, builder_name: str, name: str
+                     ) -> Optional[tfds.core.DatasetBuilder]:
+  """The finished data set ``<data_dir>/<builder>/<name>/<version>``, if any.
+
+  Read back from its own ``dataset_info.json``/``features.json``, so a data
+  set that is already built is opened without scanning its sources again
+  (a DICOM folder would re-read every header).
+  """
+  path = os.path.join(str(data_dir), builder_name, name, VERSION)
+  if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+    return None
+  return tfds.builder_from_directory(path)
+
+
 def atomic_write_bytes(path: str, chunks: Iterable[bytes]) -> None:
   """Writes ``chunks`` to ``path`` via a temp file and rename."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -253,13 +253,20 @@ def series_grid(series: Series) -> Tuple[Tuple[int, ...], np.ndarray, str]:
   return shape, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, s0.path
 
 
-def scan_folder(s: DicomSettings) -> Tuple[List[Series], List[Seg]]:
-  """All image series and SEG objects under ``s.root`` (headers only)."""
+def list_files(s: DicomSettings) -> List[str]:
+  """Every file under ``s.root`` (relative paths), DICOMDIR excluded."""
   root = builder_lib.require_dir(s.root)
   files = [f for f in builder_lib.walk_files(root)
            if os.path.basename(f).upper() != "DICOMDIR"]
   if not files:
     raise DataError(f"{root}: empty folder (no files)")
+  return files
+
+
+def scan_folder(s: DicomSettings, files: Sequence[str]
+                ) -> Tuple[List[Series], List[Seg]]:
+  """All image series and SEG objects among ``files`` (headers only)."""
+  root = s.root
   groups: Dict[str, List[Slice]] = {}
   info: Dict[str, Tuple[str, str]] = {}
   segs = []
@@ -289,9 +296,10 @@ def scan_folder(s: DicomSettings) -> Tuple[List[Series], List[Seg]]:
   return series, segs
 
 
-def find_subjects(s: DicomSettings) -> List[Subject]:
+def find_subjects(s: DicomSettings,
+                  files: Optional[Sequence[str]] = None) -> List[Subject]:
   """Selected series (and SEG) per subject; checks presence, not pixels."""
-  all_series, segs = scan_folder(s)
+  all_series, segs = scan_folder(s, list_files(s) if files is None else files)
   by_subject: Dict[str, List[Series]] = {}
   for x in all_series:
     by_subject.setdefault(x.subject, []).append(x)
@@ -510,33 +518,41 @@ class DicomFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "slices/patches above data.min_foreground; lower it")
 
 
-def load_builder(data_cfg) -> DicomFolder:
-  """The builder of ``data_cfg`` (reads headers; builds nothing)."""
+def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  """The builder of ``data_cfg`` (builds nothing).
+
+  Its name hashes the settings and every file under the root (paths, sizes,
+  modification times); when that data set exists it is opened directly,
+  otherwise every header is read and checked.
+  """
   errors = validate_config(data_cfg)
   if errors:
     raise ValueError("invalid dicom_folder config:\n  - " +
                      "\n  - ".join(errors))
   s = settings(data_cfg)
-  subjects = find_subjects(s)
+  files = list_files(s)
+  paths = [os.path.join(s.root, f) for f in files]
+  if s.labels.labels_csv:
+    csv_path = builder_lib.resolve_path(s.labels.labels_csv, s.root)
+    paths += [csv_path] if os.path.isfile(csv_path) else []
+  name = builder_lib.config_name(os.path.basename(s.root), s,
+                                 builder_lib.source_fingerprint(paths))
+  done = builder_lib.prepared_builder(data_cfg.data_dir, NAME, name)
+  if done is not None:
+    return done
+  subjects = find_subjects(s, files)
   has_mask = any(x.seg for x in subjects)
   if s.labels.label_source == "mask" and not has_mask:
     raise DataError(f"{s.root}: data.label_source='mask' but no series has "
                     "a DICOM-SEG")
-  files = [sl.path for x in subjects for ser in x.series.values()
-           for sl in ser.slices] + [x.seg.path for x in subjects if x.seg]
-  if s.labels.labels_csv:
-    csv_path = builder_lib.resolve_path(s.labels.labels_csv, s.root)
-    files += [csv_path] if os.path.isfile(csv_path) else []
   config = builder_lib.FolderConfig(
-      name=builder_lib.config_name(os.path.basename(s.root), s,
-                                   builder_lib.source_fingerprint(files)),
-      version=builder_lib.VERSION,
+      name=name, version=builder_lib.VERSION,
       description=f"{len(subjects)} subjects from {s.root}",
       settings=builder_lib.settings_json(s))
   return DicomFolder(settings=s, has_mask=has_mask, subjects=subjects,
                      config=config, data_dir=str(data_cfg.data_dir))
 
 
-def prepare(data_cfg) -> DicomFolder:
+def prepare(data_cfg) -> tfds.core.DatasetBuilder:
   """:func:`load_builder`, building the data set first if it is missing."""
   return builder_lib.build(load_builder(data_cfg), str(data_cfg.data_dir))

@@ -351,8 +351,9 @@ def _subject_splits(per_file: Dict[str, str], items: Sequence[Item],
   return out
 
 
-def load_builder(data_cfg) -> ImageFolder:
-  """The builder of ``data_cfg`` (lists the files; builds nothing)."""
+def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  """The builder of ``data_cfg`` (lists the files; builds nothing); an
+  existing build of the same settings and files is opened directly."""
   errors = validate_config(data_cfg)
   if errors:
     raise ValueError("invalid image_folder config:\n  - " +
@@ -362,16 +363,19 @@ def load_builder(data_cfg) -> ImageFolder:
   files = [p for it in items for p in (it.path, it.mask) if p]
   if s.labels_csv:
     files.append(builder_lib.resolve_path(s.labels_csv, s.root))
+  name = builder_lib.config_name(os.path.basename(s.root), s,
+                                 builder_lib.source_fingerprint(files))
+  done = builder_lib.prepared_builder(data_cfg.data_dir, NAME, name)
+  if done is not None:
+    return done
   config = builder_lib.FolderConfig(
-      name=builder_lib.config_name(os.path.basename(s.root), s,
-                                   builder_lib.source_fingerprint(files)),
-      version=builder_lib.VERSION,
+      name=name, version=builder_lib.VERSION,
       description=f"{len(items)} images from {s.root}",
       settings=builder_lib.settings_json(s))
   return ImageFolder(settings=s, items=items, config=config,
                      data_dir=str(data_cfg.data_dir))
 
 
-def prepare(data_cfg) -> ImageFolder:
+def prepare(data_cfg) -> tfds.core.DatasetBuilder:
   """:func:`load_builder`, building the data set first if it is missing."""
   return builder_lib.build(load_builder(data_cfg), str(data_cfg.data_dir))

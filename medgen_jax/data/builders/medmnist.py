@@ -297,24 +297,28 @@ _CITATION = """\
 """
 
 
-def load_builder(data_cfg) -> Medmnist:
-  """The builder of ``data_cfg`` (finds the file; builds nothing)."""
+def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  """The builder of ``data_cfg`` (finds the file; builds nothing); an
+  existing build of the same settings and file is opened directly."""
   errors = validate_config(data_cfg)
   if errors:
     raise ValueError("invalid medmnist config:\n  - " + "\n  - ".join(errors))
   s = settings(data_cfg)
   path = locate(data_cfg)
+  name = builder_lib.config_name(f"{s.flag}_{s.size}_r{s.res}", s,
+                                 builder_lib.source_fingerprint([path]))
+  done = builder_lib.prepared_builder(data_cfg.data_dir, NAME, name)
+  if done is not None:
+    return done
   config = builder_lib.FolderConfig(
-      name=builder_lib.config_name(
-          f"{s.flag}_{s.size}_r{s.res}", s,
-          builder_lib.source_fingerprint([path])),
-      version=builder_lib.VERSION, description=f"{s.flag} from {path}",
+      name=name, version=builder_lib.VERSION,
+      description=f"{s.flag} from {path}",
       settings=builder_lib.settings_json(s))
   return Medmnist(settings=s, path=path, config=config,
                   data_dir=str(data_cfg.data_dir))
 
 
-def prepare(data_cfg) -> Medmnist:
+def prepare(data_cfg) -> tfds.core.DatasetBuilder:
   """:func:`load_builder`, building the data set first if it is missing."""
   return builder_lib.build(load_builder(data_cfg), str(data_cfg.data_dir))
 

@@ -322,8 +322,13 @@ class NiftiFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "slices/patches above data.min_foreground; lower it")
 
 
-def load_builder(data_cfg, subjects: Sequence[Subject] = ()) -> NiftiFolder:
-  """The builder of ``data_cfg`` (lists the files; builds nothing)."""
+def load_builder(data_cfg, subjects: Sequence[Subject] = ()
+                 ) -> tfds.core.DatasetBuilder:
+  """The builder of ``data_cfg`` (lists the files; builds nothing).
+
+  The data set built with the same settings from the same files (paths,
+  sizes, modification times) is opened directly when it exists.
+  """
   errors = validate_config(data_cfg)
   if errors:
     raise ValueError("invalid nifti_folder config:\n  - " +
@@ -336,6 +341,9 @@ def load_builder(data_cfg, subjects: Sequence[Subject] = ()) -> NiftiFolder:
     files += [csv_path] if os.path.isfile(csv_path) else []
   name = builder_lib.config_name(os.path.basename(s.root), s,
                                  builder_lib.source_fingerprint(files))
+  done = builder_lib.prepared_builder(data_cfg.data_dir, NAME, name)
+  if done is not None:
+    return done
   config = builder_lib.FolderConfig(
       name=name, version=builder_lib.VERSION,
       description=f"{len(subjects)} subjects from {s.root}",
@@ -344,6 +352,6 @@ def load_builder(data_cfg, subjects: Sequence[Subject] = ()) -> NiftiFolder:
                      data_dir=str(data_cfg.data_dir))
 
 
-def prepare(data_cfg) -> NiftiFolder:
+def prepare(data_cfg) -> tfds.core.DatasetBuilder:
   """:func:`load_builder`, building the data set first if it is missing."""
   return builder_lib.build(load_builder(data_cfg), str(data_cfg.data_dir))
