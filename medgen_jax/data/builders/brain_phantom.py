@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from medgen_jax.data import builder_lib
 from medgen_jax.data import phantom
 
 SPLITS = ("train", "val", "test")
@@ -228,6 +229,19 @@ class BrainPhantom(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, subject_ids):
     for subject in subject_ids:
       yield from subject_examples(self.builder_config, int(subject))
+
+
+def validate_config(data_cfg) -> list:
+  """Problems of a ``brain_phantom`` data section (unknown keys included)."""
+  errors = builder_lib.check_keys(
+      data_cfg, "brain_phantom", ("num_subjects", "snr", "phantom_seed"),
+      ("slices_per_subject", "max_lesions"))
+  errors += builder_lib.check_contrasts(data_cfg.get("contrasts", ()),
+                                        phantom.CONTRASTS, "brain_phantom")
+  if data_cfg.get("num_subjects", len(SPLITS)) < len(SPLITS):
+    errors.append(f"data.num_subjects={data_cfg.num_subjects} must be >= "
+                  f"{len(SPLITS)} (one subject per split)")
+  return errors
 
 
 def _data_field(data_cfg, name: str, default: Any = None) -> Any:
