@@ -2,11 +2,15 @@ r"""Benchmark a config's training step, sampler and input pipeline.
 
   python -m medgen_jax.bench --config=configs/ddpm.py:res=32 [--steps=20]
       [--config.model.dtype=bfloat16] [--peak_tflops=989] [--out=bench.json]
+      [--profile]
 
 Prints compile time, train steps/s and images/s after warm-up (median over
 timed steps), sampler images/s, input-pipeline batches/s, peak host RSS,
 XLA's estimated FLOPs per step, achieved FLOP/s and, when the device's peak
-is known (or given), MFU = achieved / peak.
+is known (or given), MFU = achieved / peak. ``--profile`` also traces
+training steps and prints where their time goes, per op category (forward,
+input-gradient and kernel-gradient convolutions, GroupNorm, attention,
+optimizer update, copies, ...; see :mod:`medgen_jax.profiling`).
 """
 
 import json
@@ -29,6 +33,10 @@ _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 1,
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0,
                            "Device peak TFLOP/s for MFU (0: look up).")
 _OUT = flags.DEFINE_string("out", "", "Also write the results as JSON here.")
+_PROFILE = flags.DEFINE_integer(
+    "profile", 0, "Traced training steps for a per-op breakdown (0: none).")
+_TOP_OPS = flags.DEFINE_integer("top_ops", 12,
+                                "Slowest HLO ops listed with --profile.")
 
 # Dense peak TFLOP/s per device by (device_kind substring, dtype).
 PEAK_TFLOPS = {
@@ -110,6 +118,15 @@ def run(config) -> Dict[str, Any]:
   peak = _PEAK.value or peak_tflops(res["device"], config.model.dtype)
   res["peak_tflops"] = peak
   res["mfu"] = res["achieved_tflops"] / (peak * jax.device_count()) if peak else None
+  if _PROFILE.value:
+    from medgen_jax import profiling  # pylint: disable=import-outside-toplevel
+    rows, secs, ops = profiling.profile(step, compiled.as_text(),
+                                        _PROFILE.value)
+    res["profile_ms"] = {r.category: r.seconds * 1e3 for r in rows}
+    res["profile_table"] = profiling.format_table(rows, res["step_s_median"])
+    res["profile_top_ops"] = [
+        f"{name} ({cat}) {s * 1e3:.1f} ms"
+        for name, cat, s in profiling.top_ops(secs, ops, _TOP_OPS.value)]
 
   # Input pipeline: host gather + transfer of a global batch, no model.
   bs = sharding.batch_sharding(exp.mesh)
@@ -137,6 +154,8 @@ def run(config) -> Dict[str, Any]:
 def format_results(res: Dict[str, Any]) -> str:
   rows = []
   for k, v in res.items():
+    if k.startswith("profile"):
+      continue
     if isinstance(v, float):
       v = f"{v:.4g}"
     rows.append(f"  {k:<28} {v}")
@@ -145,8 +164,15 @@ def format_results(res: Dict[str, Any]) -> str:
 
 def main(argv):
   del argv
+  from medgen_jax import runtime  # pylint: disable=import-outside-toplevel
+  runtime.use_huge_pages()
   res = run(_CONFIG.value)
   print("benchmark:\n" + format_results(res), flush=True)
+  if "profile_table" in res:
+    print("training step by op category (ms per step):\n" +
+          res["profile_table"], flush=True)
+    print("slowest ops:\n  " + "\n  ".join(res["profile_top_ops"]),
+          flush=True)
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(res, f, indent=2)

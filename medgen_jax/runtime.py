@@ -8,6 +8,60 @@ import ml_collections
 from absl import logging as absl_logging
 
 
+# XLA:CPU flags the project sets (a flag already in $XLA_FLAGS wins). They
+# take effect only if set before the CPU backend starts, as setup() does.
+XLA_CPU_FLAGS = (
+    # Order the HLO schedule to minimise live memory instead of maximising
+    # concurrency: the ref6m U-Net train step needs 0.8 GB of temporaries
+    # instead of 2.6 GB, and on CPUs every fresh page of them is a page fault
+    # in every step (~10 us each on the 2-core VMs we measure on).
+    "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+)
+
+
+def set_xla_cpu_flags(flags=XLA_CPU_FLAGS) -> str:
+  """Adds ``flags`` to ``$XLA_FLAGS`` unless the user set them; returns it."""
+  current = os.environ.get("XLA_FLAGS", "")
+  given = {f.split("=")[0] for f in current.split()}
+  extra = [f for f in flags if f.split("=")[0] not in given]
+  os.environ["XLA_FLAGS"] = " ".join(extra + current.split())
+  return os.environ["XLA_FLAGS"]
+
+
+def _thp_available() -> bool:
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return "[never]" not in f.read()
+  except OSError:
+    return False
+
+
+def use_huge_pages() -> None:
+  """Re-executes this process with glibc's malloc using transparent huge
+  pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``).
+
+  XLA:CPU allocates each step's temporaries afresh and glibc returns large
+  blocks to the OS when freed, so every step page-faults all of them in
+  again: ~200k faults of 4 KB per step for the ref6m U-Net, seconds of
+  system time. With 2 MB pages that is ~1000x fewer faults. A glibc tunable
+  is read only at process start, hence the re-exec (call this first thing in
+  ``main``; imports are redone once). No-op when already set, when the
+  kernel has THP disabled, outside Linux, or with ``MEDGEN_JAX_HUGE_PAGES=0``.
+  """
+  import sys  # pylint: disable=import-outside-toplevel
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if ("glibc.malloc.hugetlb" in tunables or not sys.platform.startswith(
+      "linux") or os.environ.get("MEDGEN_JAX_HUGE_PAGES", "1") == "0" or
+      not _thp_available()):
+    return
+  env = dict(os.environ)
+  env["GLIBC_TUNABLES"] = ":".join(
+      filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, list(sys.orig_argv), env)
+
+
 def default_cache_dir() -> str:
   return os.environ.get(
       "MEDGEN_JAX_CACHE",
@@ -45,7 +99,9 @@ def progress(iterable, total: int, initial: int = 0, desc: str = ""):
 
 
 def setup(config: ml_collections.ConfigDict) -> None:
-  """Multi-host init (behind ``train.distributed``), caching, log filters."""
+  """XLA:CPU flags, multi-host init (behind ``train.distributed``), caching,
+  log filters."""
+  set_xla_cpu_flags()
   quiet_library_logs()
   if config.get("train") and config.train.get("distributed", False):
     # Reads coordinator address / process ids from the cluster environment

@@ -97,8 +97,77 @@ class Conv(nn.Module):
     return y
 
 
+def group_norm_fn(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                  num_groups: int, epsilon: float = 1e-5,
+                  dtype: Dtype = jnp.float32) -> jax.Array:
+  """Group normalisation of ``[B, *spatial, C]`` with per-channel affine.
+
+  The same values as ``nn.GroupNorm`` (biased variance ``E[x^2] - E[x]^2``),
+  formulated for speed on CPUs: per-channel sums over all positions first
+  (a contiguous reduction of ``[B, N, C]`` that vectorises over channels),
+  then tiny per-group sums of ``[B, G, C / G]``, and a single fused
+  ``x * a + b`` pass with per-(sample, channel) ``a`` and ``b``. Reducing
+  ``[B, N, G, C / G]`` over two non-adjacent axes directly, as
+  ``nn.GroupNorm`` does, is 3x slower there (forward and backward).
+
+  Args:
+    x: ``[B, *spatial, C]``; ``C`` divisible by ``num_groups``.
+    scale: ``[C]`` multiplier.
+    bias: ``[C]`` offset.
+    num_groups: groups of ``C / num_groups`` adjacent channels.
+    epsilon: added to the variance.
+    dtype: output dtype; statistics are always float32.
+
+  Returns:
+    ``[B, *spatial, C]`` in ``dtype``.
+  """
+  b, c = x.shape[0], x.shape[-1]
+  if c % num_groups:
+    raise ValueError(f"{c} channels not divisible by {num_groups} groups")
+  per_group = c // num_groups
+  xf = x.reshape(b, -1, c).astype(jnp.float32)
+  count = xf.shape[1] * per_group
+  sums = jnp.sum(xf, axis=1).reshape(b, num_groups, per_group)
+  squares = jnp.sum(jnp.square(xf), axis=1).reshape(b, num_groups, per_group)
+  mean = jnp.sum(sums, axis=-1) / count                       # [B, G]
+  var = jnp.maximum(jnp.sum(squares, axis=-1) / count - jnp.square(mean), 0.0)
+  inv = jax.lax.rsqrt(var + epsilon)
+  mul = jnp.repeat(inv, per_group, axis=1) * scale.astype(jnp.float32)
+  add = bias.astype(jnp.float32) - jnp.repeat(mean, per_group, axis=1) * mul
+  y = xf * mul[:, None, :] + add[:, None, :]
+  return y.reshape(x.shape).astype(dtype)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm with ``nn.GroupNorm``'s parameters (``scale``, ``bias``).
+
+  Values match ``nn.GroupNorm(num_groups, epsilon)``; the computation is
+  :func:`group_norm_fn`.
+
+  Attributes:
+    num_groups: groups; must divide the channel count.
+    epsilon: added to the variance.
+    dtype: output dtype (statistics are float32).
+    param_dtype: parameter dtype.
+  """
+
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[B, *spatial, C]`` -> ``[B, *spatial, C]``."""
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    return group_norm_fn(x, scale, bias, self.num_groups, self.epsilon,
+                         self.dtype)
+
+
 def group_norm(channels: int, num_groups: int, dtype: Dtype = jnp.float32,
-               name: Optional[str] = None) -> nn.GroupNorm:
+               name: Optional[str] = None) -> GroupNorm:
   """GroupNorm with the largest group count ``<= num_groups`` dividing
   ``channels`` (so tiny test models need no special-casing).
 
@@ -107,8 +176,8 @@ def group_norm(channels: int, num_groups: int, dtype: Dtype = jnp.float32,
   groups = min(num_groups, channels)
   while channels % groups:
     groups -= 1
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+  return GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype,
+                   param_dtype=jnp.float32, name=name)
 
 
 def timestep_embedding(t: jax.Array, dim: int,

@@ -1,0 +1,277 @@
+"""Per-op time breakdown of a compiled XLA program, from a profiler trace.
+
+XLA:CPU records one trace event per executed HLO instruction (thunk), named
+after the instruction and tagged with an ``hlo_op`` stat. This module runs a
+compiled function under ``jax.profiler``, sums those events per instruction,
+and sorts instructions into categories read from the optimized HLO text:
+the instruction's opcode (or the opcodes inside a fusion), its shapes and its
+``op_name`` metadata (the flax module path plus ``transpose(...)`` for the
+backward pass)::
+
+  rows, _, _ = profiling.profile(step_fn, compiled.as_text(), repeats=2)
+  print(profiling.format_table(rows))
+
+Times are summed over threads: concurrently running thunks both count, so
+the total can exceed the step's wall time; shares are of that total.
+"""
+
+import collections
+import dataclasses
+import glob
+import os
+import re
+import shutil
+import tempfile
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+
+import jax
+
+CATEGORIES = (
+    "conv forward",
+    "conv input-grad",
+    "conv kernel-grad",
+    "group norm fwd",
+    "group norm bwd",
+    "attention",
+    "dense (embedding)",
+    "elementwise/fusions",
+    "optimizer update",
+    "copies/transposes/slices",
+    "other",
+)
+
+# Opcodes that only move data; a fusion made only of these is a copy.
+_DATA_MOVEMENT = frozenset((
+    "parameter", "copy", "transpose", "bitcast", "slice", "pad", "reshape",
+    "concatenate", "broadcast", "dynamic-slice", "dynamic-update-slice",
+    "constant", "tuple", "get-tuple-element", "reverse"))
+# Control flow and bookkeeping instructions whose time is that of their body.
+_CONTAINERS = frozenset(("while", "call", "conditional"))
+
+_INSTR = re.compile(
+    r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
+    r"(?P<opcode>[a-z][\w\-]*)\((?P<rest>.*)$")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloOp:
+  """One instruction of the optimized HLO.
+
+  Attributes:
+    name: instruction name (the trace event's ``hlo_op``).
+    opcode: e.g. ``fusion``, ``dot``, ``convolution``.
+    shape: the result shape text, e.g. ``f32[32,32,32,64]{3,2,1,0}``.
+    op_name: ``metadata.op_name`` (jax/flax scope path), possibly ``""``.
+    inner: opcodes inside the called (fused) computation, for fusions.
+    conv_window: window size of a convolution (its own or a fused one).
+    conv_out_spatial: spatial sizes of that convolution's result.
+  """
+
+  name: str
+  opcode: str
+  shape: str
+  op_name: str
+  inner: Tuple[str, ...] = ()
+  conv_window: Tuple[int, ...] = ()
+  conv_out_spatial: Tuple[int, ...] = ()
+
+
+def _dims(shape: str) -> Tuple[int, ...]:
+  m = re.search(r"\[([\d,]*)\]", shape)
+  if not m or not m.group(1):
+    return ()
+  return tuple(int(d) for d in m.group(1).split(","))
+
+
+def _conv_geometry(shape: str, rest: str) -> Tuple[Tuple[int, ...],
+                                                   Tuple[int, ...]]:
+  """Window and output spatial sizes of a ``b01f``-style convolution."""
+  window = re.search(r"window=\{size=([\dx]+)", rest)
+  labels = re.search(r"dim_labels=\w+_\w+->(\w+)", rest)
+  win = tuple(int(s) for s in window.group(1).split("x")) if window else ()
+  dims = _dims(shape)
+  out = ()
+  if labels and len(labels.group(1)) == len(dims):
+    out = tuple(d for d, c in zip(dims, labels.group(1)) if c.isdigit())
+  return win, out
+
+
+def parse_hlo(text: str) -> Dict[str, HloOp]:
+  """All instructions of an HLO module's text, by name.
+
+  Fusions and other callers get the opcodes (and any convolution geometry)
+  of the computations they call, so a fused convolution is still seen as
+  one.
+  """
+  comps: Dict[str, List[Tuple[str, str, str, str]]] = {}
+  current = None
+  for line in text.splitlines():
+    c = _COMP.match(line)
+    if c and "=" not in line.split("{")[0]:
+      current = c.group("name")
+      comps[current] = []
+      continue
+    m = _INSTR.match(line)
+    if m and current is not None:
+      comps[current].append((m.group("name"), m.group("opcode"),
+                             m.group("shape"), m.group("rest")))
+  ops = {}
+  for instrs in comps.values():
+    for name, opcode, shape, rest in instrs:
+      meta = re.search(r'op_name="([^"]*)"', rest)
+      inner: List[str] = []
+      win, out = (), ()
+      if opcode == "convolution":
+        win, out = _conv_geometry(shape, rest)
+      called = re.search(r"calls=%([\w.\-]+)", rest)
+      if called and called.group(1) in comps:
+        for _, o, s, r in comps[called.group(1)]:
+          inner.append(o)
+          if o == "convolution":
+            win, out = _conv_geometry(s, r)
+      ops[name] = HloOp(name, opcode, shape, meta.group(1) if meta else "",
+                        tuple(inner), win, out)
+  return ops
+
+
+def categorize(op: HloOp) -> str:
+  """The breakdown category of one instruction (one of ``CATEGORIES``)."""
+  kinds = set(op.inner) if op.inner else {op.opcode}
+  backward = "transpose(" in op.op_name
+  in_model = "UNet" in op.op_name or "loss_fn" in op.op_name
+  if "convolution" in kinds:
+    if not backward and op.op_name:
+      return "conv forward"
+    # A kernel gradient's "window" is the whole output-gradient image and its
+    # result is kernel-sized; forward and input-gradient convs are the
+    # opposite way round.
+    if (op.conv_window and op.conv_out_spatial and
+        _prod(op.conv_window) > _prod(op.conv_out_spatial)):
+      return "conv kernel-grad"
+    return "conv input-grad" if backward else "conv forward"
+  if "dot" in kinds:
+    if "AttentionBlock" in op.op_name:
+      return "attention"
+    if re.search(r"/Conv_\d+/", op.op_name) and backward:
+      return "conv kernel-grad"  # per-offset GEMMs of the "gemm" lowering
+    return "dense (embedding)" if in_model else "optimizer update"
+  if op.opcode in _CONTAINERS:
+    return "other"
+  if kinds <= _DATA_MOVEMENT:
+    return "copies/transposes/slices"
+  if "GroupNorm" in op.op_name or "group_norm" in op.op_name:
+    return "group norm bwd" if backward else "group norm fwd"
+  if "AttentionBlock" in op.op_name:
+    return "attention"
+  if not in_model and not op.op_name.startswith("state."):
+    return "optimizer update"
+  return "elementwise/fusions"
+
+
+def _prod(xs: Iterable[int]) -> int:
+  out = 1
+  for x in xs:
+    out *= x
+  return out
+
+
+def trace_op_seconds(fn: Callable[[], object],
+                     repeats: int = 1) -> Dict[str, float]:
+  """Seconds per call spent in each HLO instruction while running ``fn``.
+
+  Args:
+    fn: runs the compiled program once and blocks until it is done.
+    repeats: calls traced; the result is the mean per call.
+
+  Returns:
+    ``{hlo instruction name: seconds per call}``, summed over threads.
+  """
+  log_dir = tempfile.mkdtemp(prefix="medgen_profile_")
+  try:
+    jax.profiler.start_trace(log_dir)
+    try:
+      for _ in range(repeats):
+        fn()
+    finally:
+      jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"),
+                      recursive=True)
+    if not files:
+      raise RuntimeError(f"the profiler wrote no trace under {log_dir}")
+    data = jax.profiler.ProfileData.from_file(files[0])
+  finally:
+    shutil.rmtree(log_dir, ignore_errors=True)
+  totals: Dict[str, float] = collections.defaultdict(float)
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        if "hlo_op" in stats and not event.name.startswith("end: "):
+          totals[str(stats["hlo_op"])] += event.duration_ns * 1e-9 / repeats
+  return dict(totals)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  category: str
+  seconds: float
+  share: float
+  count: int
+
+
+def breakdown(op_seconds: Dict[str, float],
+              ops: Dict[str, HloOp]) -> List[Row]:
+  """Per-category seconds, share of the total and instruction count.
+
+  Instructions missing from ``ops`` (e.g. of another program traced at the
+  same time) are ignored.
+  """
+  secs: Dict[str, float] = collections.defaultdict(float)
+  counts: Dict[str, int] = collections.defaultdict(int)
+  for name, s in op_seconds.items():
+    if name in ops:
+      cat = categorize(ops[name])
+      secs[cat] += s
+      counts[cat] += 1
+  total = sum(secs.values()) or 1.0
+  return [Row(c, secs[c], secs[c] / total, counts[c])
+          for c in CATEGORIES if c in secs]
+
+
+def top_ops(op_seconds: Dict[str, float], ops: Dict[str, HloOp],
+            n: int = 10) -> List[Tuple[str, str, float]]:
+  """The ``n`` slowest instructions: ``(name, category, seconds)``."""
+  named = [(k, categorize(ops[k]), v) for k, v in op_seconds.items()
+           if k in ops]
+  return sorted(named, key=lambda r: -r[2])[:n]
+
+
+def profile(fn: Callable[[], object], hlo_text: str,
+            repeats: int = 1) -> Tuple[List[Row], Dict[str, float],
+                                       Dict[str, HloOp]]:
+  """Traces ``repeats`` calls of ``fn``, which runs the program ``hlo_text``.
+
+  ``fn`` must block until the program is done; it may carry state from call
+  to call (e.g. a training step whose old state is donated).
+
+  Returns:
+    The category rows, seconds per instruction, and the parsed HLO.
+  """
+  ops = parse_hlo(hlo_text)
+  secs = trace_op_seconds(fn, repeats)
+  return breakdown(secs, ops), secs, ops
+
+
+def format_table(rows: Sequence[Row], wall_s: float = 0.0) -> str:
+  """A text table: category, ms, % and instruction count."""
+  lines = [f"  {'category':<26}{'ms':>10}{'%':>7}{'ops':>6}"]
+  for r in rows:
+    lines.append(f"  {r.category:<26}{r.seconds * 1e3:10.1f}"
+                 f"{r.share * 100:7.1f}{r.count:6d}")
+  total = sum(r.seconds for r in rows)
+  lines.append(f"  {'total (summed threads)':<26}{total * 1e3:10.1f}"
+               f"{100.0:7.1f}{sum(r.count for r in rows):6d}")
+  if wall_s:
+    lines.append(f"  {'wall time of the step':<26}{wall_s * 1e3:10.1f}")
+  return "\n".join(lines)

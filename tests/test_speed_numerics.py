@@ -1,0 +1,194 @@
+"""The speed-oriented formulations keep the numbers: GroupNorm, kernel
+gradients over shifted rows, the per-op profiler, the XLA:CPU flags."""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medgen_jax import profiling
+from medgen_jax import runtime
+from medgen_jax.nn import conv
+from medgen_jax.nn import layers
+
+
+def _gn_loss(module):
+  def loss(params, x):
+    y = module.apply({"params": params}, x).astype(jnp.float32)
+    return jnp.sum(jnp.sin(y) * x.astype(jnp.float32))  # non-trivial cotangent
+  return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 6, 6, 8), 4),
+                                          ((2, 4, 4, 4, 6), 3)])
+def test_group_norm_matches_flax(shape, groups):
+  rng = np.random.default_rng(0)
+  # Offset and scaled input: the one-pass variance must still be exact.
+  x = jnp.asarray(rng.normal(3.0, 2.0, size=shape), jnp.float32)
+  c = shape[-1]
+  params = {"scale": jnp.asarray(rng.normal(1.0, 0.3, size=c), jnp.float32),
+            "bias": jnp.asarray(rng.normal(0.0, 0.3, size=c), jnp.float32)}
+  ours = layers.group_norm(c, groups)
+  ref = nn.GroupNorm(num_groups=groups, epsilon=1e-5)
+  assert (jax.tree.map(jnp.shape, jax.eval_shape(ours.init, jax.random.key(0),
+                                                 x)) ==
+          jax.tree.map(jnp.shape, jax.eval_shape(ref.init, jax.random.key(0),
+                                                 x)))
+  (va, (dpa, dxa)) = jax.jit(_gn_loss(ours))(params, x)
+  (vb, (dpb, dxb)) = jax.jit(_gn_loss(ref))(params, x)
+  np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dxa, dxb, rtol=1e-4, atol=1e-4)
+  for k in ("scale", "bias"):
+    np.testing.assert_allclose(dpa[k], dpb[k], rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(dxa).max()) > 0.1  # the comparison is not vacuous
+
+
+def test_group_norm_bf16_output_and_float32_stats():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16)) * 4.0 + 10.0
+  scale, bias = jnp.ones((16,)), jnp.zeros((16,))
+  y = layers.group_norm_fn(x.astype(jnp.bfloat16), scale, bias, 4,
+                           dtype=jnp.bfloat16)
+  assert y.dtype == jnp.bfloat16
+  ref = layers.group_norm_fn(x, scale, bias, 4)
+  # Normalised values are O(1); bf16 rounding of the input is the only loss.
+  assert float(jnp.abs(y.astype(jnp.float32) - ref).max()) < 0.05
+  with pytest.raises(ValueError, match="not divisible"):
+    layers.group_norm_fn(x, scale, bias, 5)
+
+
+@pytest.mark.parametrize("shape,ksize,padding", [
+    ((2, 7, 5, 3), 3, ((1, 1), (1, 1))),      # odd, non-square sides
+    ((2, 6, 6, 3), 2, ((0, 1), (0, 1))),      # even kernel, asymmetric pad
+    ((1, 4, 5, 3, 2), 3, ((1, 1), (1, 1), (1, 1))),
+    ((3, 9, 2), 5, ((2, 2),)),                 # 1D
+])
+def test_kernel_grad_rows_matches_xla(shape, ksize, padding):
+  n = len(shape) - 2
+  kx, kg = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(kx, shape)
+  kshape = (ksize,) * n + (shape[-1], 4)
+  k = jnp.zeros(kshape)
+  y, vjp = jax.vjp(lambda k_: conv.xla_conv(x, k_, 1, padding), k)
+  g = jax.random.normal(kg, y.shape)
+  (ref,) = vjp(g)
+  got = jax.jit(conv.kernel_grad_rows, static_argnums=(2, 3))(
+      x, g, kshape, padding)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(ref).max()) > 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_profile():
+  """A tiny conv/GroupNorm net's train-like step, compiled and traced once."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = layers.Conv(8, conv_lowering="gemm")(x)
+      h = nn.silu(layers.group_norm(8, 4)(h))
+      return layers.Conv(2, conv_lowering="xla")(h)
+
+  net = Net()
+  x = jnp.ones((2, 8, 8, 2))
+  params = net.init(jax.random.key(0), x)["params"]
+
+  def step(p):
+    grads = jax.grad(lambda p: jnp.mean(net.apply({"params": p}, x) ** 2))(p)
+    return jax.tree.map(lambda a, b: a - 0.1 * b, p, grads)
+
+  compiled = jax.jit(step).lower(params).compile()
+  rows, secs, ops = profiling.profile(
+      lambda: jax.block_until_ready(compiled(params)), compiled.as_text(), 2)
+  return rows, secs, ops
+
+
+def test_profile_finds_every_kind_of_op(tiny_profile):
+  rows, secs, ops = tiny_profile
+  cats = {r.category for r in rows}
+  for expected in ("conv forward", "conv input-grad", "conv kernel-grad",
+                   "group norm fwd", "group norm bwd"):
+    assert expected in cats, (expected, cats)
+  assert all(r.category in profiling.CATEGORIES for r in rows)
+  assert abs(sum(r.share for r in rows) - 1.0) < 1e-6
+  assert all(r.seconds >= 0 and r.count > 0 for r in rows)
+  # Both kernel-gradient lowerings are recognised: the "xla" conv's
+  # backward-filter convolution and the "gemm" conv's matrix product.
+  kinds = {ops[n].opcode for n in secs if n in ops and
+           profiling.categorize(ops[n]) == "conv kernel-grad"}
+  assert kinds, "no kernel-gradient op was traced"
+  table = profiling.format_table(rows, wall_s=0.5)
+  assert "conv kernel-grad" in table and "wall time" in table
+
+
+def test_categorize_rules():
+  fwd = profiling.HloOp("f", "fusion", "f32[2,8,8,4]", "jit(s)/jvp(UNet)/"
+                        "Conv_0/conv_general_dilated", ("convolution",),
+                        (3, 3), (8, 8))
+  dgrad = profiling.HloOp("d", "convolution", "f32[2,8,8,4]",
+                          "jit(s)/transpose(jvp(UNet))/Conv_0/conv", (),
+                          (3, 3), (8, 8))
+  wgrad = profiling.HloOp("w", "convolution", "f32[4,3,3,4]", "", (),
+                          (8, 8), (3, 3))
+  opt = profiling.HloOp("o", "fusion", "f32[64]", "jit(s)/add",
+                        ("parameter", "add", "multiply"))
+  copy = profiling.HloOp("c", "fusion", "f32[64]", "jit(s)/UNet/x",
+                         ("parameter", "slice", "bitcast"))
+  assert [profiling.categorize(o) for o in (fwd, dgrad, wgrad, opt, copy)] == [
+      "conv forward", "conv input-grad", "conv kernel-grad",
+      "optimizer update", "copies/transposes/slices"]
+
+
+def test_parse_hlo_sees_inside_fusions():
+  text = """HloModule m
+
+%fused (p0: f32[2,4,4,3], p1: f32[3,3,3,5]) -> f32[2,4,4,5] {
+  %p0 = f32[2,4,4,3]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,3,5]{3,2,1,0} parameter(1)
+  ROOT %c = f32[2,4,4,5]{3,2,1,0} convolution(%p0, %p1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+}
+
+ENTRY %main (a: f32[2,4,4,3], b: f32[3,3,3,5]) -> f32[2,4,4,5] {
+  %a = f32[2,4,4,3]{3,2,1,0} parameter(0)
+  %b = f32[3,3,3,5]{3,2,1,0} parameter(1)
+  ROOT %f = f32[2,4,4,5]{3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused, metadata={op_name="jit(f)/conv_general_dilated"}
+}
+"""
+  ops = profiling.parse_hlo(text)
+  f = ops["f"]
+  assert f.opcode == "fusion" and "convolution" in f.inner
+  assert f.conv_window == (3, 3) and f.conv_out_spatial == (4, 4)
+  assert f.op_name == "jit(f)/conv_general_dilated"
+  assert profiling.categorize(f) == "conv forward"
+
+
+def test_xla_cpu_flags_keep_user_choice(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_scheduler_type=X --foo=1")
+  out = runtime.set_xla_cpu_flags()
+  assert out.split().count("--xla_cpu_scheduler_type=X") == 1
+  assert "MEMORY_OPTIMIZED" not in out and "--foo=1" in out
+  monkeypatch.setenv("XLA_FLAGS", "--foo=1")
+  out = runtime.set_xla_cpu_flags()
+  assert out.split() == [*runtime.XLA_CPU_FLAGS, "--foo=1"]
+  assert os.environ["XLA_FLAGS"] == out
+
+
+def test_use_huge_pages_is_a_no_op_when_set_or_disabled(monkeypatch):
+  calls = []
+  monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  runtime.use_huge_pages()
+  monkeypatch.setenv("GLIBC_TUNABLES", "")
+  monkeypatch.setenv("MEDGEN_JAX_HUGE_PAGES", "0")
+  runtime.use_huge_pages()
+  assert not calls
+  monkeypatch.setenv("MEDGEN_JAX_HUGE_PAGES", "1")
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+  monkeypatch.setattr(runtime, "_thp_available", lambda: True)
+  runtime.use_huge_pages()
+  if calls:  # Linux: re-executes itself with the tunable appended.
+    _, argv, env = calls[0]
+    assert env["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    assert argv[0]
