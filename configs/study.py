@@ -1,0 +1,141 @@
+r"""The augmentation study: does synthetic data help downstream tasks?
+
+Run (this is what ``python launch.py`` runs with no flags)::
+
+  python launch.py --config=configs/study.py --workdir=workdirs/study
+
+It trains the configured generators (default: a label-conditional DDPM that
+generates T1w, T2w, FLAIR and the lesion mask together) on the real training
+subjects of brain_phantom, samples a labelled synthetic set from each, scores
+the generators (in-domain FID/KID, precision/recall, density/coverage,
+diversity, memorization), then trains every downstream task on every arm
+(real only, + classical augmentation, + synthetic, + both, synthetic only)
+for every real-data fraction and seed, scores them on the held-out real test
+subjects, and writes ``report.md``/``report.html`` with tables, plots and
+sample grids.
+
+Args (``key=value`` after the colon):
+  res: image side (32 on a CPU; 64/128 on GPUs).
+  seeds: seeds per cell (mean and 95% CI over seeds).
+  fractions: real-data fractions joined by "+", e.g. "0.1+0.25+1".
+  tasks: any of classification, segmentation, translation joined by "+".
+  gen_steps: generator training steps (0: the size's default).
+  task_steps: downstream training steps (0: the size's default).
+  generator_data: "full" (one generator on all training subjects: the
+    shared-generator scenario, synthetic arms see information from subjects
+    outside the fraction) or "per_fraction" (one generator per fraction,
+    trained on exactly that fraction's subjects; the strict protocol).
+  runlocal: a miniature study for tests (tiny models, a few steps).
+"""
+
+import ml_collections
+
+from configs import common
+from configs import ddpm
+
+
+def _task(kind: str, inputs, target, num_classes: int, steps: int,
+          batch_size: int, lr: float, model: dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      kind=kind, inputs=tuple(inputs), target=target, num_classes=num_classes,
+      model=model, steps=steps, batch_size=batch_size,
+      # Training steps run inside one jitted lax.scan per call.
+      steps_per_call=min(steps, 25),
+      conv_lowering="auto",
+      optim=dict(name="adamw", lr=lr, schedule="cosine", warmup_steps=0,
+                 final_lr_frac=0.05, weight_decay=1e-4, b1=0.9, b2=0.999,
+                 grad_clip=1.0)))
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, res=32, seeds=3, fractions="0.1+0.25+1",
+                       tasks="classification+segmentation", gen_steps=0,
+                       task_steps=0, generator_data="full", runlocal=False)
+  contrasts = ("t1w", "t2w", "flair")
+  c = ml_collections.ConfigDict()
+  c.kind = "study"
+  c.seed = 0
+  c.data = common.data_config(res=a.res, contrasts=contrasts)
+  c.data.eval_split = "test"
+
+  # --- generators: any method config; the study sets their data section.
+  gen = ddpm.get_config(f"res={a.res}")
+  gen.data = common.data_config(res=a.res, contrasts=contrasts, cond="label")
+  gen.data.mask_channels = ("lesion_mask",)
+  gen.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                   attn_resolutions=(), num_groups=8)
+  gen.optim.update(lr=1e-3, warmup_steps=50, schedule="cosine",
+                   final_lr_frac=0.1)
+  gen.train.update(num_steps=a.gen_steps or 1200, sample_every=0,
+                   ckpt_every=200, log_every=50, ema=0.995, ema_warmup=50)
+  gen.sample.update(steps=25, guidance_scale=1.0, batch_size=128)
+  c.generators = ml_collections.ConfigDict(dict(ddpm=gen))
+
+  steps = a.task_steps or 300
+  c.study = ml_collections.ConfigDict(dict(
+      fractions=tuple(float(f) for f in a.fractions.split("+")),
+      num_seeds=a.seeds,
+      arms=("real", "real+classical", "real+synthetic",
+            "real+classical+synthetic", "synthetic"),
+      # Share of every training batch drawn from the synthetic set.
+      synthetic_ratio=0.5,
+      synthetic_per_class=256,
+      synthetic_seed=1234,
+      generator_data=a.generator_data,
+      test_split="test",
+      export_nifti=False,
+      tasks=ml_collections.ConfigDict(),
+  ))
+  tasks = {
+      "classification": _task(
+          "classification", ("flair",), "label", 2, steps, 32, 2e-3,
+          dict(width=16, stage_sizes=(1, 1, 1), num_groups=8)),
+      "segmentation": _task(
+          "segmentation", ("flair",), "lesion_mask", 2, steps, 32, 2e-3,
+          dict(ch=16, ch_mult=(1, 2, 4), num_groups=8)),
+      "translation": _task(
+          "translation", ("t1w",), "t2w", 0, steps, 32, 2e-3,
+          dict(ch=16, ch_mult=(1, 2, 4), num_groups=8)),
+  }
+  for name in a.tasks.split("+"):
+    if name not in tasks:
+      raise ValueError(f"unknown task {name!r}; known: {sorted(tasks)}")
+    c.study.tasks[name] = tasks[name]
+
+  c.augment = common.augment_config()
+  # The in-domain feature extractor for FID/KID/PR/memorization.
+  c.encoder = ml_collections.ConfigDict(dict(
+      width=32, stage_sizes=(1, 1, 1), num_groups=8, num_classes=2,
+      steps=300, steps_per_call=25, batch_size=64, seed=0,
+      conv_lowering="auto",
+      optim=dict(name="adamw", lr=2e-3, schedule="cosine", warmup_steps=0,
+                 final_lr_frac=0.05, weight_decay=1e-4, b1=0.9, b2=0.999,
+                 grad_clip=1.0)))
+  # Evaluators (medgen_jax.eval registry): the study scores every
+  # generator's synthetic set with "generative".
+  c.evals = ml_collections.ConfigDict(dict(generative=dict(
+      type="generative", every_steps=0, kid_subsets=50, kid_subset_size=100,
+      pr_k=5, diversity_pairs=200, memorization_quantile=0.01)))
+
+  if a.runlocal:
+    # Phantom seed 3 puts lesioned slices in every split at this size.
+    c.data.update(num_subjects=10, res=16, phantom_seed=3)
+    gen.data.batch_size = 8
+    gen.model.update(ch=8, ch_mult=(1, 2), num_groups=4)
+    gen.train.update(num_steps=a.gen_steps or 6, ckpt_every=3, log_every=3,
+                     ema_warmup=2)
+    gen.optim.warmup_steps = 2
+    gen.sample.update(steps=3, batch_size=16)
+    c.study.update(synthetic_per_class=8, num_seeds=min(a.seeds, 2))
+    for t in c.study.tasks.values():
+      t.update(steps=a.task_steps or 4, steps_per_call=2, batch_size=8)
+      t.model.update(num_groups=4)
+      if "width" in t.model:
+        t.model.width = 8
+      else:
+        t.model.update(ch=8, ch_mult=(1, 2))
+    c.encoder.update(width=8, num_groups=4, steps=4, steps_per_call=2,
+                     batch_size=8)
+    c.evals.generative.update(kid_subsets=5, kid_subset_size=8, pr_k=2,
+                              diversity_pairs=8)
+  return c

@@ -1,0 +1,374 @@
+"""The augmentation study: generators -> synthetic sets -> downstream arms.
+
+Every stage writes its result into the workdir before the next starts and
+is skipped when a rerun finds it complete, so a killed study resumes where
+it stopped:
+
+  generators/<name>/     trainer workdir (orbax checkpoints, metrics, grids)
+  synthetic/<name>/      exported synthetic set + provenance.json
+  encoder/               in-domain feature extractor + encoder.json
+  generator_metrics.json realism / diversity / memorization per generator
+  results.jsonl          one line per (task, fraction, arm): seed scores
+  report.md, report.html the report (see :mod:`medgen_jax.report`)
+"""
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from scipy import stats as scipy_stats
+
+from medgen_jax import runtime
+from medgen_jax.data import augment as augment_lib
+from medgen_jax.data import pipeline
+from medgen_jax.downstream import fit as fit_lib
+from medgen_jax.downstream import synthetic as synthetic_lib
+from medgen_jax.downstream import tasks as tasks_lib
+from medgen_jax.eval import encoder as encoder_lib
+from medgen_jax.eval import generative
+from medgen_jax.train import trainer
+
+Arrays = Dict[str, np.ndarray]
+RESULTS = "results.jsonl"
+GEN_METRICS = "generator_metrics.json"
+ARM_KINDS = ("real", "real+classical", "real+synthetic",
+             "real+classical+synthetic", "synthetic")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmSpec:
+  """One arm of the study.
+
+  Attributes:
+    name: label in tables, e.g. ``real+classical+ddpm``.
+    kind: one of :data:`ARM_KINDS`.
+    generator: generator name for synthetic arms, else ``None``.
+  """
+
+  name: str
+  kind: str
+  generator: Optional[str]
+
+  @property
+  def classical(self) -> bool:
+    return "classical" in self.kind
+
+  def synthetic_fraction(self, ratio: float) -> float:
+    if self.kind == "synthetic":
+      return 1.0
+    return ratio if self.kind.endswith("synthetic") else 0.0
+
+
+def arm_specs(kinds: Sequence[str], generators: Sequence[str]) -> List[ArmSpec]:
+  """Expands synthetic arm kinds once per generator."""
+  out = []
+  for kind in kinds:
+    if kind not in ARM_KINDS:
+      raise ValueError(f"study.arms entry {kind!r} must be one of {ARM_KINDS}")
+    if "synthetic" not in kind:
+      out.append(ArmSpec(kind, kind, None))
+      continue
+    for g in generators:
+      name = f"{g} only" if kind == "synthetic" else kind.replace(
+          "synthetic", g)
+      out.append(ArmSpec(name, kind, g))
+  return out
+
+
+# ---------------------------------------------------------------- data ----
+
+
+def load_real(data_cfg: ml_collections.ConfigDict, splits: Sequence[str]
+              ) -> Tuple[Dict[str, Arrays], Dict[str, Tuple[float, float]]]:
+  """Normalised real splits (stats from the training split) and the stats.
+
+  Each split holds ``image [N, *spatial, C]``, ``label``, masks and
+  ``subject_id``.
+  """
+  raw = {s: pipeline.read_split(data_cfg, s) for s in splits}
+  stats = pipeline.normalization_stats(raw[data_cfg.train_split], data_cfg)
+  out = {}
+  for s, r in raw.items():
+    arrays = pipeline.to_model_arrays(r, data_cfg, stats)
+    arrays["subject_id"] = r["subject_id"].astype(np.int32)
+    pipeline.check_labels(arrays["label"], data_cfg.num_classes,
+                          data_cfg.dataset)
+    out[s] = arrays
+  return out, stats
+
+
+def generator_config(study_cfg: ml_collections.ConfigDict, name: str,
+                     fraction: Optional[float]) -> ml_collections.ConfigDict:
+  """The generator's config; ``fraction`` restricts its training subjects."""
+  gen = copy.deepcopy(study_cfg.generators[name])
+  d = study_cfg.data
+  # The generator must see the study's data set and channels.
+  gen.data.update(dataset=d.dataset, data_dir=d.data_dir, res=d.res,
+                  spatial_dims=d.spatial_dims, contrasts=tuple(d.contrasts))
+  for key in ("num_subjects", "snr", "phantom_seed"):
+    if key in d and key in gen.data:
+      gen.data[key] = d[key]
+  if fraction is not None and fraction < 1.0:
+    gen.data.subject_fraction = fraction
+    gen.data.subject_seed = 0
+  return gen
+
+
+def generator_runs(config: ml_collections.ConfigDict
+                   ) -> List[Tuple[str, Optional[float], str]]:
+  """``(generator, fraction or None, run name)`` of every generator to train."""
+  per_fraction = config.study.generator_data == "per_fraction"
+  runs = []
+  for name in config.generators:
+    if per_fraction:
+      runs += [(name, f, f"{name}_f{f:g}") for f in config.study.fractions]
+    else:
+      runs.append((name, None, name))
+  return runs
+
+
+# -------------------------------------------------------------- stages ----
+
+
+def train_generators(config, workdir: str) -> Dict[str, Dict[str, Any]]:
+  """Trains (or resumes, or skips when finished) every generator run."""
+  out = {}
+  for name, fraction, run in generator_runs(config):
+    gen_cfg = generator_config(config, name, fraction)
+    gen_dir = os.path.join(workdir, "generators", run)
+    logging.info("generator %s -> %s", run, gen_dir)
+    t0 = time.time()
+    summary = trainer.train(gen_cfg, gen_dir)
+    out[run] = dict(config=gen_cfg, workdir=gen_dir,
+                    seconds=time.time() - t0, final=summary["metrics"])
+  return out
+
+
+def make_synthetic(config, workdir: str, gens: Dict[str, Dict[str, Any]]
+                   ) -> Dict[str, Arrays]:
+  """Samples and exports each generator's synthetic set (cached)."""
+  sc = config.study
+  out = {}
+  for run, g in gens.items():
+    directory = os.path.join(workdir, "synthetic", run)
+    prov_path = os.path.join(directory, "provenance.json")
+    want = dict(per_class=sc.synthetic_per_class, seed=sc.synthetic_seed,
+                checkpoint_step=int(g["config"].train.num_steps))
+    if os.path.exists(prov_path):
+      with open(prov_path) as f:
+        prov = json.load(f)
+      if all(prov.get(k) == v for k, v in want.items()):
+        arrays, _ = synthetic_lib.synthetic_builder.read_export(directory)
+        out[run] = arrays
+        continue
+    res = synthetic_lib.generate(g["config"], g["workdir"],
+                                 sc.synthetic_per_class, sc.synthetic_seed)
+    gen_cfg = g["config"]
+    provenance = dict(
+        generator=run, method=gen_cfg.method.name,
+        generator_config=gen_cfg.to_dict(), generator_workdir=g["workdir"],
+        checkpoint_step=res["step"], per_class=sc.synthetic_per_class,
+        seed=sc.synthetic_seed, sampler=gen_cfg.sample.to_dict(),
+        contrasts=list(gen_cfg.data.contrasts),
+        mask_keys=list(gen_cfg.data.get("mask_channels", ())),
+        num_classes=int(gen_cfg.data.num_classes),
+        normalization=res["meta"].get("normalization"),
+        sampling_seconds=res["seconds"])
+    synthetic_lib.export(directory, res["arrays"], provenance,
+                         config.data.spatial_dims, nifti=sc.export_nifti)
+    out[run] = res["arrays"]
+  return out
+
+
+def _gen_for(arm: ArmSpec, fraction: float, config) -> Optional[str]:
+  if arm.generator is None:
+    return None
+  if config.study.generator_data == "per_fraction":
+    return f"{arm.generator}_f{fraction:g}"
+  return arm.generator
+
+
+def _done_cells(path: str) -> Dict[Tuple[str, float, str], Dict[str, Any]]:
+  done = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # a line cut by a kill; that cell reruns.
+        done[(r["task"], r["fraction"], r["arm"])] = r
+  return done
+
+
+def summarize(values: Sequence[float]) -> Dict[str, float]:
+  """Mean and two-sided 95% t-interval over seeds (nan for one seed)."""
+  v = np.asarray([x for x in values if np.isfinite(x)], np.float64)
+  if len(v) == 0:
+    return dict(mean=float("nan"), ci_low=float("nan"),
+                ci_high=float("nan"), n=0)
+  mean = float(v.mean())
+  if len(v) < 2:
+    return dict(mean=mean, ci_low=float("nan"), ci_high=float("nan"), n=1)
+  half = float(scipy_stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1)
+               / np.sqrt(len(v)))
+  return dict(mean=mean, ci_low=mean - half, ci_high=mean + half, n=len(v))
+
+
+def real_pools(train: Arrays, fraction: float, num_seeds: int,
+               seed_of: Sequence[int], keys: Sequence[str]
+               ) -> Tuple[Arrays, np.ndarray, np.ndarray]:
+  """The real pool and per-seed subject subsets ``[S, N]`` (padded)."""
+  n = len(train["image"])
+  index = np.zeros((num_seeds, n), np.int32)
+  count = np.zeros((num_seeds,), np.int32)
+  for s in range(num_seeds):
+    rows = pipeline.subject_subset(train["subject_id"], fraction, seed_of[s])
+    index[s, :len(rows)] = rows
+    count[s] = len(rows)
+  return {k: train[k] for k in keys}, index, count
+
+
+def run_downstream(config, workdir: str, real: Dict[str, Arrays],
+                   synthetic: Dict[str, Arrays]) -> List[Dict[str, Any]]:
+  """Trains and scores every (task, fraction, arm) cell not yet done."""
+  sc = config.study
+  path = os.path.join(workdir, RESULTS)
+  done = _done_cells(path)
+  arms = arm_specs(sc.arms, list(config.generators))
+  test = real[sc.test_split]
+  train = real[config.data.train_split]
+  per_fraction = sc.generator_data == "per_fraction"
+  seed_of = [0 if per_fraction else s for s in range(sc.num_seeds)]
+  cells = [(t, f, a) for t in sc.tasks for f in sc.fractions for a in arms]
+  todo = [c for c in cells if (c[0], c[1], c[2].name) not in done]
+  results = [done[(t, f, a.name)] for t, f, a in cells
+             if (t, f, a.name) in done]
+  fitters: Dict[str, fit_lib.Fitter] = {}
+  keys = fit_lib.seed_keys(config.seed, sc.num_seeds)
+  size = max([len(s["image"]) for s in synthetic.values()] or [1])
+  placeholder = {k: np.zeros((size,) + train[k].shape[1:], train[k].dtype)
+                 for k in ("image", "label", "lesion_mask") if k in train}
+  for task_name, fraction, arm in runtime.progress(todo, len(todo),
+                                                   desc="study"):
+    tcfg = sc.tasks[task_name]
+    if task_name not in fitters:
+      task = tasks_lib.make_task(task_name, tcfg, list(config.data.contrasts),
+                                 config.data.spatial_dims)
+      # Translation targets are image channels: move them with the input
+      # but keep intensity changes to the input channels only.
+      augment_fn = augment_lib.make_augment_fn(
+          config.augment, config.data.spatial_dims,
+          intensity_channels=(task.inputs if task.kind == "translation"
+                              else None))
+      fitters[task_name] = fit_lib.make_fitter(task, tcfg, augment_fn)
+    fitter = fitters[task_name]
+    data_keys = ["image", "label"] + [
+        k for k in ("lesion_mask",) if k in train]
+    pool, index, count = real_pools(train, fraction, sc.num_seeds, seed_of,
+                                    data_keys)
+    gen = _gen_for(arm, fraction, config)
+    # Arms without synthetic data get a same-shaped placeholder, so every
+    # cell of a task reuses one compiled program.
+    syn = placeholder
+    if gen:
+      syn = {k: np.concatenate([synthetic[gen][k], placeholder[k]])[:size]
+             for k in data_keys}
+    pools = fit_lib.Pools(
+        real={k: jnp.asarray(v) for k, v in pool.items()},
+        real_index=jnp.asarray(index), real_count=jnp.asarray(count),
+        synthetic={k: jnp.asarray(syn[k]) for k in data_keys},
+        synthetic_count=jnp.asarray(
+            len(synthetic[gen]["image"]) if gen else 0, jnp.int32))
+    t0 = time.time()
+    desc = f"{task_name} f={fraction:g} {arm.name}"
+    states, losses = fit_lib.fit(
+        fitter, pools,
+        fit_lib.make_arm(arm.synthetic_fraction(sc.synthetic_ratio),
+                         arm.classical), keys, desc=desc)
+    seed_scores = fit_lib.score_seeds(fitter, states, test)
+    record = dict(
+        task=task_name, kind=tcfg.kind, fraction=fraction, arm=arm.name,
+        arm_kind=arm.kind, generator=gen, primary=fitter.task.primary,
+        seed_scores=seed_scores,
+        metrics={m: summarize([s[m] for s in seed_scores])
+                 for m in seed_scores[0]},
+        real_examples=count.tolist(),
+        real_subjects=[int(len(np.unique(train["subject_id"][index[s, :c]])))
+                       for s, c in enumerate(count)],
+        final_loss=float(losses[-max(1, len(losses) // 10):].mean()),
+        seconds=time.time() - t0)
+    with open(path, "a") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+    results.append(record)
+  return results
+
+
+def paired_deltas(results: List[Dict[str, Any]]) -> None:
+  """Adds ``delta_vs_real``: per-seed paired difference to the real-only arm
+  of the same task and fraction (seeds share init and real subjects)."""
+  base = {(r["task"], r["fraction"]): r for r in results
+          if r["arm"] == "real"}
+  for r in results:
+    b = base.get((r["task"], r["fraction"]))
+    if b is None or r is b:
+      continue
+    m = r["primary"]
+    diffs = [s[m] - t[m] for s, t in zip(r["seed_scores"], b["seed_scores"])]
+    r["delta_vs_real"] = summarize(diffs)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Runs (or resumes) the whole study; returns what the report needs."""
+  from medgen_jax import report  # pylint: disable=import-outside-toplevel
+  t0 = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+  timings: Dict[str, float] = {}
+
+  def stage(name):
+    timings[name] = time.time() - t0 - sum(timings.values())
+
+  splits = sorted({config.data.train_split, config.data.eval_split,
+                   config.study.test_split})
+  real, stats = load_real(config.data, splits)
+  stage("data")
+  gens = train_generators(config, workdir)
+  stage("generators")
+  synthetic = make_synthetic(config, workdir, gens)
+  stage("synthesis")
+  enc = encoder_lib.train_or_load(
+      config.encoder, config.data.contrasts, config.data.spatial_dims,
+      real[config.data.train_split], real[config.data.eval_split],
+      os.path.join(workdir, "encoder"),
+      extra_card=dict(dataset=config.data.dataset,
+                      normalization=config.data.normalization,
+                      stats={k: list(v) for k, v in stats.items()}))
+  gen_metrics = generative.evaluate_all(
+      enc, real[config.data.train_split], real[config.data.eval_split],
+      real[config.study.test_split], synthetic, config.evals.generative,
+      os.path.join(workdir, GEN_METRICS))
+  stage("generator metrics")
+  results = run_downstream(config, workdir, real, synthetic)
+  paired_deltas(results)
+  stage("downstream")
+  summary = dict(config=config, workdir=workdir, results=results,
+                 generators={k: dict(workdir=v["workdir"],
+                                     seconds=v["seconds"], final=v["final"])
+                             for k, v in gens.items()},
+                 generator_metrics=gen_metrics, encoder_card=enc.card,
+                 timings=timings, real=real, synthetic=synthetic)
+  paths = report.write(summary)
+  stage("report")
+  summary["report"] = paths
+  summary["seconds"] = time.time() - t0
+  return summary

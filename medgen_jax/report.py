@@ -1,0 +1,445 @@
+"""Study report: ``report.md`` and ``report.html`` with tables, plots, grids.
+
+The report is built as a list of blocks (heading, paragraph, table, image,
+code) rendered twice, to Markdown and to self-contained-looking HTML (images
+are files beside it), so both always say the same thing.
+"""
+
+import html
+import json
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from medgen_jax import viz  # pylint: disable=wrong-import-position
+from medgen_jax.downstream import tasks as tasks_lib  # pylint: disable=wrong-import-position
+
+Block = Tuple[str, Any]
+FIGURES = "figures"
+
+METRIC_HELP = {
+    "auc": "area under the ROC curve (lesion present vs absent); 0.5 = chance",
+    "accuracy": "fraction of test slices classified correctly",
+    "balanced_accuracy": "mean of per-class recall (robust to class "
+                         "imbalance); 0.5 = chance for 2 classes",
+    "dice": "Dice overlap of predicted and true lesion voxels pooled over "
+            "all test slices; 1 = perfect",
+    "dice_per_image": "mean Dice over test slices that contain a lesion",
+    "hd95": "95th-percentile symmetric surface distance in pixels, mean over "
+            "lesioned test slices where the model predicted a lesion "
+            "(lower is better)",
+    "hd95_missed": "lesioned test slices where the model predicted nothing",
+    "ssim": "structural similarity of translated and true target images "
+            "(data range 2 on the normalised scale); 1 = identical",
+    "psnr": "peak signal-to-noise ratio in dB (data range 2)",
+    "mae": "mean absolute error on the normalised [-1, 1] scale",
+    "mae_foreground": "mean absolute error inside the target's non-background",
+}
+
+
+def fmt(x: float, digits: int = 3) -> str:
+  if x is None or not np.isfinite(x):
+    return "n/a"
+  return f"{x:.{digits}f}"
+
+
+def fmt_ci(s: Dict[str, float], digits: int = 3) -> str:
+  """``mean [low, high]`` (or just the mean for one seed)."""
+  if not np.isfinite(s.get("ci_low", np.nan)):
+    return fmt(s["mean"], digits)
+  return (f"{fmt(s['mean'], digits)} [{fmt(s['ci_low'], digits)}, "
+          f"{fmt(s['ci_high'], digits)}]")
+
+
+# ----------------------------------------------------------- rendering ----
+
+
+def render_markdown(blocks: Sequence[Block]) -> str:
+  out: List[str] = []
+  for kind, value in blocks:
+    if kind in ("h1", "h2", "h3"):
+      out.append("#" * int(kind[1]) + " " + value)
+    elif kind == "p":
+      out.append(value)
+    elif kind == "table":
+      header, rows = value
+      out.append("| " + " | ".join(header) + " |")
+      out.append("|" + "---|" * len(header))
+      out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    elif kind == "img":
+      path, caption = value
+      out.append(f"![{caption}]({path})\n\n*{caption}*")
+    elif kind == "code":
+      out.append("```\n" + value.rstrip() + "\n```")
+    else:
+      raise ValueError(f"unknown block kind {kind!r}")
+    out.append("")
+  return "\n".join(out)
+
+
+def _inline_html(text: str) -> str:
+  """Escapes text and renders ``**bold**`` pairs."""
+  parts = html.escape(text).split("**")
+  return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def render_html(blocks: Sequence[Block], title: str) -> str:
+  body: List[str] = []
+  for kind, value in blocks:
+    if kind in ("h1", "h2", "h3"):
+      body.append(f"<{kind}>{_inline_html(value)}</{kind}>")
+    elif kind == "p":
+      body.append(f"<p>{_inline_html(value)}</p>")
+    elif kind == "table":
+      header, rows = value
+      head = "".join(f"<th>{_inline_html(h)}</th>" for h in header)
+      trs = "".join("<tr>" + "".join(f"<td>{_inline_html(str(c))}</td>"
+                                     for c in r) + "</tr>" for r in rows)
+      body.append(f"<table><thead><tr>{head}</tr></thead>"
+                  f"<tbody>{trs}</tbody></table>")
+    elif kind == "img":
+      path, caption = value
+      body.append(f"<figure><img src='{html.escape(path)}' "
+                  f"alt='{html.escape(caption)}'><figcaption>"
+                  f"{_inline_html(caption)}</figcaption></figure>")
+    elif kind == "code":
+      body.append(f"<pre>{html.escape(value)}</pre>")
+  style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;"
+           "line-height:1.4}table{border-collapse:collapse;margin:1em 0}"
+           "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+           "th{background:#f0f0f0}img{max-width:100%;image-rendering:"
+           "pixelated}figcaption{color:#555;font-size:90%}"
+           "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:80%}")
+  return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
+          f"{html.escape(title)}</title><style>{style}</style></head><body>"
+          + "\n".join(body) + "</body></html>\n")
+
+
+# ------------------------------------------------------------- figures ----
+
+
+def plot_task(results: List[Dict[str, Any]], task: str, metric: str,
+              path: str) -> None:
+  """Metric vs real-data fraction, one line per arm, 95% CI error bars."""
+  rows = [r for r in results if r["task"] == task]
+  arms = list(dict.fromkeys(r["arm"] for r in rows))
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+  for i, arm in enumerate(arms):
+    pts = sorted((r["fraction"], r["metrics"][metric]) for r in rows
+                 if r["arm"] == arm)
+    x = np.array([p[0] for p in pts]) * (1 + 0.02 * (i - len(arms) / 2))
+    y = np.array([p[1]["mean"] for p in pts])
+    lo = np.array([p[1]["ci_low"] for p in pts])
+    hi = np.array([p[1]["ci_high"] for p in pts])
+    err = np.where(np.isfinite(lo), [y - lo, hi - y], 0.0)
+    style = "--" if "only" in arm else "-"
+    ax.errorbar(x, y, yerr=err, marker="o", linestyle=style, capsize=3,
+                label=arm)
+  ax.set_xscale("log")
+  fractions = sorted({r["fraction"] for r in rows})
+  ax.set_xticks(fractions)
+  ax.set_xticklabels([f"{f:g}" for f in fractions])
+  ax.set_xlabel("fraction of real training subjects")
+  ax.set_ylabel(metric + ("" if tasks_lib.higher_is_better(metric)
+                          else " (lower is better)"))
+  ax.set_title(f"{task}: held-out real test set, mean and 95% CI over seeds")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def real_vs_synthetic_grid(real: Dict[str, np.ndarray],
+                           synthetic: Dict[str, np.ndarray], channel: int,
+                           spatial_dims: int, path: str,
+                           per_class: int = 8) -> None:
+  """Rows: real class 0, synthetic class 0, real class 1, synthetic class 1,
+  ... (``per_class`` each), lesion masks overlaid where present."""
+  images, masks = [], []
+  mask_key = "lesion_mask" if "lesion_mask" in synthetic else None
+  for k in np.unique(real["label"]):
+    for src in (real, synthetic):
+      idx = np.flatnonzero(src["label"] == k)[:per_class]
+      if len(idx) == 0:
+        continue
+      idx = np.resize(idx, per_class)
+      images.append(src["image"][idx, ..., channel:channel + 1])
+      if mask_key:
+        masks.append(src[mask_key][idx] if mask_key in src
+                     else np.zeros(src["image"][idx].shape[:-1], np.uint8))
+  grid = viz.image_grid(np.concatenate(images), spatial_dims,
+                        masks=np.concatenate(masks) if masks else None,
+                        ncol=per_class)
+  viz.save_png(grid, path)
+
+
+def closest_pairs_grid(synthetic: np.ndarray, train: np.ndarray,
+                       pairs: Sequence[Tuple[int, int]], spatial_dims: int,
+                       path: str) -> None:
+  """Top row: synthetic images; bottom row: their nearest training image."""
+  if not pairs:
+    return
+  s = np.stack([synthetic[i] for i, _ in pairs])
+  t = np.stack([train[j] for _, j in pairs])
+  grid = viz.image_grid(np.concatenate([s, t])[..., :1], spatial_dims,
+                        ncol=len(pairs))
+  viz.save_png(grid, path)
+
+
+# -------------------------------------------------------------- report ----
+
+
+def _result_tables(results, task: str) -> List[Block]:
+  rows = [r for r in results if r["task"] == task]
+  if not rows:
+    return []
+  metric = rows[0]["primary"]
+  fractions = sorted({r["fraction"] for r in rows})
+  arms = list(dict.fromkeys(r["arm"] for r in rows))
+  cell = {(r["arm"], r["fraction"]): r for r in rows}
+  higher = tasks_lib.higher_is_better(metric)
+  best = {}
+  for f in fractions:
+    vals = [(cell[(a, f)]["metrics"][metric]["mean"], a) for a in arms
+            if (a, f) in cell]
+    vals = [v for v in vals if np.isfinite(v[0])]
+    if vals:
+      best[f] = (max if higher else min)(vals)[1]
+  header = ["arm"] + [f"{f:g} of real" for f in fractions]
+  table = []
+  for a in arms:
+    row = [a]
+    for f in fractions:
+      r = cell.get((a, f))
+      txt = fmt_ci(r["metrics"][metric]) if r else "-"
+      row.append(f"**{txt}**" if best.get(f) == a else txt)
+    table.append(row)
+  delta_header = ["arm"] + [f"Δ at {f:g}" for f in fractions]
+  delta = []
+  for a in arms:
+    if a == "real":
+      continue
+    delta.append([a] + [fmt_ci(cell[(a, f)]["delta_vs_real"])
+                        if (a, f) in cell and "delta_vs_real" in cell[(a, f)]
+                        else "-" for f in fractions])
+  subjects = ["real subjects per seed"] + [
+      "/".join(str(n) for n in cell[("real", f)]["real_subjects"])
+      if ("real", f) in cell else "-" for f in fractions]
+  blocks: List[Block] = [
+      ("h3", f"{task}: {metric} ({METRIC_HELP.get(metric, '')})"),
+      ("table", (header, table + [subjects])),
+      ("p", f"Paired difference to the real-only arm (same seeds, same real "
+            f"subjects, same initialisation), mean [95% CI]; an interval "
+            f"that excludes 0 is a difference the seeds support."),
+      ("table", (delta_header, delta)),
+  ]
+  others = [m for m in rows[0]["metrics"] if m != metric]
+  if others:
+    hdr = ["arm", "fraction"] + others
+    detail = [[r["arm"], f"{r['fraction']:g}"] +
+              [fmt_ci(r["metrics"][m], 3) for m in others] for r in rows]
+    blocks += [("p", "All metrics of this task (mean [95% CI]): " +
+                "; ".join(f"{m}: {METRIC_HELP.get(m, m)}" for m in others)),
+               ("table", (hdr, detail))]
+  return blocks
+
+
+def _verdict(results, task: str) -> str:
+  """One honest sentence per task from the paired deltas."""
+  rows = [r for r in results if r["task"] == task and "delta_vs_real" in r]
+  if not rows:
+    return ""
+  metric = rows[0]["primary"]
+  sign = 1 if tasks_lib.higher_is_better(metric) else -1
+  wins, losses, ties = [], [], []
+  for r in rows:
+    d = r["delta_vs_real"]
+    label = f"{r['arm']} at {r['fraction']:g}"
+    if np.isfinite(d["ci_low"]) and sign * d["ci_low"] > 0 and sign * d[
+        "ci_high"] > 0:
+      wins.append(label)
+    elif np.isfinite(d["ci_low"]) and sign * d["ci_low"] < 0 and sign * d[
+        "ci_high"] < 0:
+      losses.append(label)
+    else:
+      ties.append(label)
+  parts = [f"**{task}** ({metric}): "]
+  parts.append(f"better than real-only with 95% confidence: "
+               f"{', '.join(wins) if wins else 'none'}; ")
+  parts.append(f"worse: {', '.join(losses) if losses else 'none'}; ")
+  parts.append(f"not distinguishable from real-only with these seeds: "
+               f"{len(ties)} of {len(rows)} cells.")
+  return "".join(parts)
+
+
+def _generator_blocks(summary) -> List[Block]:
+  gm = summary["generator_metrics"]
+  blocks: List[Block] = [("h2", "Generators: realism, diversity, "
+                                "memorization")]
+  card = summary["encoder_card"]
+  blocks.append(("p", (
+      f"Feature space: {card['description']} (feature dim "
+      f"{card['feature_dim']}; held-out AUC {fmt(card['held_out_scores'].get('auc'))}; "
+      f"train fingerprint {card['settings']['train_fingerprint']}). "
+      "Every FID/KID/precision/recall/density/coverage/memorization number "
+      "below uses these features, computed against the real test subjects. "
+      "The 'real (reference)' row compares real validation subjects with "
+      "the real test subjects: the value a perfect generator could reach "
+      "with this many images.")))
+  header = ["generator", "FID ↓", "KID×1000 ↓", "precision ↑", "recall ↑",
+            "density ↑", "coverage ↑", "MS-SSIM ↓ (diversity)",
+            "memorized ↓", "label agreement ↑"]
+  rows = []
+  for name, m in gm.items():
+    kid = m.get("kid", {})
+    rows.append([name, fmt(m.get("fid"), 2),
+                 f"{fmt(1000 * kid.get('mean', np.nan), 2)} ± "
+                 f"{fmt(1000 * kid.get('std', np.nan), 2)}",
+                 fmt(m.get("precision")), fmt(m.get("recall")),
+                 fmt(m.get("density")), fmt(m.get("coverage")),
+                 fmt(m.get("ms_ssim")),
+                 fmt(m.get("memorized_fraction")) if "memorized_fraction" in m
+                 else "-",
+                 fmt(m.get("label_agreement")) if "label_agreement" in m
+                 else "-"])
+  blocks.append(("table", (header, rows)))
+  blocks.append(("p", (
+      "FID/KID: distance between real and synthetic feature distributions; "
+      "precision: share of synthetic images inside the real manifold "
+      "(realism); recall: share of real images inside the synthetic "
+      "manifold (coverage of modes); density/coverage: their outlier-robust "
+      "versions; MS-SSIM: mean pairwise MS-SSIM among images of the set "
+      "(lower = more diverse; compare with the real row); memorized: share "
+      "of synthetic images closer to a training image than almost any real "
+      "held-out image is (a privacy red flag when clearly above the "
+      "audit's false-positive rate); label agreement: share of synthetic "
+      "images whose generated lesion mask agrees with the class they were "
+      "sampled for.")))
+  for name, m in gm.items():
+    if "closest_pairs_png" in m:
+      blocks.append(("img", (m["closest_pairs_png"], (
+          f"{name}: the synthetic images closest to a training image (top) "
+          f"and that training image (bottom)"))))
+  return blocks
+
+
+def write(summary: Dict[str, Any]) -> Dict[str, str]:
+  """Writes ``report.md``, ``report.html`` and figures; returns their paths."""
+  config = summary["config"]
+  workdir = summary["workdir"]
+  results = summary["results"]
+  fig_dir = os.path.join(workdir, FIGURES)
+  os.makedirs(fig_dir, exist_ok=True)
+  sc = config.study
+  tasks = list(sc.tasks)
+  blocks: List[Block] = [("h1", "Generative augmentation study")]
+  total = sum(summary["timings"].values())
+  blocks.append(("p", (
+      f"Data: {config.data.dataset} ({config.data.spatial_dims}D, "
+      f"{config.data.res}px, contrasts {'+'.join(config.data.contrasts)}). "
+      f"Generators: {', '.join(summary['generators'])} "
+      f"({sc.generator_data} training data). Tasks: {', '.join(tasks)}. "
+      f"Real-data fractions: {', '.join(f'{f:g}' for f in sc.fractions)}; "
+      f"{sc.num_seeds} seeds per cell; synthetic share of each batch in "
+      f"mixed arms: {sc.synthetic_ratio:g}. All scores are on the held-out "
+      f"real '{sc.test_split}' split (subjects never seen in training). "
+      f"Run time {total / 60:.1f} min.")))
+  if sc.generator_data == "full":
+    blocks.append(("p", (
+        "Protocol note: each generator was trained on all real training "
+        "subjects, so at fractions below 1 the synthetic arms carry "
+        "information from subjects the real-only arm does not see (the "
+        "shared-generator scenario). Use generator_data=per_fraction for "
+        "the strict protocol.")))
+  blocks.append(("h2", "Verdict"))
+  for t in tasks:
+    v = _verdict(results, t)
+    if v:
+      blocks.append(("p", v))
+  blocks.append(("h2", "Downstream results"))
+  for t in tasks:
+    rows = [r for r in results if r["task"] == t]
+    if not rows:
+      continue
+    png = os.path.join(fig_dir, f"{t}_{rows[0]['primary']}.png")
+    plot_task(results, t, rows[0]["primary"], png)
+    blocks += _result_tables(results, t)
+    blocks.append(("img", (os.path.relpath(png, workdir),
+                           f"{t}: {rows[0]['primary']} vs real-data fraction "
+                           "per arm")))
+  # Real vs synthetic grids.
+  blocks.append(("h2", "Real vs synthetic images"))
+  real_train = summary["real"][config.data.train_split]
+  channel = list(config.data.contrasts).index(
+      "flair" if "flair" in config.data.contrasts else
+      config.data.contrasts[0])
+  for name, syn in summary["synthetic"].items():
+    png = os.path.join(fig_dir, f"real_vs_{name}.png")
+    real_vs_synthetic_grid(real_train, syn, channel, config.data.spatial_dims,
+                           png)
+    blocks.append(("img", (os.path.relpath(png, workdir), (
+        f"{config.data.contrasts[channel]}, rows alternate real / {name} "
+        "per class (no lesion, then lesion); lesion masks in colour"))))
+  gm = summary["generator_metrics"]
+  for name, m in gm.items():
+    pairs = m.get("closest_pairs")
+    if pairs and name in summary["synthetic"]:
+      png = os.path.join(fig_dir, f"closest_{name}.png")
+      closest_pairs_grid(summary["synthetic"][name]["image"],
+                         real_train["image"], pairs[:8],
+                         config.data.spatial_dims, png)
+      m["closest_pairs_png"] = os.path.relpath(png, workdir)
+  blocks += _generator_blocks(summary)
+  blocks.append(("h2", "Run time"))
+  blocks.append(("table", (["stage", "seconds"],
+                           [[k, f"{v:.1f}"] for k, v in
+                            summary["timings"].items()] +
+                           [["total", f"{total:.1f}"]])))
+  blocks.append(("h2", "Config"))
+  blocks.append(("code", json.dumps(config.to_dict(), indent=1,
+                                    sort_keys=True, default=str)))
+  md_path = os.path.join(workdir, "report.md")
+  html_path = os.path.join(workdir, "report.html")
+  for path, text in ((md_path, render_markdown(blocks)),
+                     (html_path, render_html(blocks, "medgen_jax study"))):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  return {"markdown": md_path, "html": html_path}
+
+
+def summary_table(results: List[Dict[str, Any]]) -> str:
+  """Plain-text table of the primary metric per task, arm and fraction."""
+  lines = []
+  for task in dict.fromkeys(r["task"] for r in results):
+    rows = [r for r in results if r["task"] == task]
+    metric = rows[0]["primary"]
+    fractions = sorted({r["fraction"] for r in rows})
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    cell = {(r["arm"], r["fraction"]): r for r in rows}
+    width = max(len(a) for a in arms) + 2
+    lines.append(f"{task} — {metric}, mean [95% CI] over seeds, held-out "
+                 "test subjects")
+    lines.append(" " * width + "".join(f"{f'{f:g} of real':>24}"
+                                       for f in fractions))
+    for a in arms:
+      lines.append(f"{a:<{width}}" + "".join(
+          f"{fmt_ci(cell[(a, f)]['metrics'][metric]):>24}"
+          if (a, f) in cell else f"{'-':>24}" for f in fractions))
+    lines.append("")
+  return "\n".join(lines)
+
+
+def load_results(workdir: str) -> List[Dict[str, Any]]:
+  """The study's ``results.jsonl`` as a list (for notebooks)."""
+  path = os.path.join(workdir, "results.jsonl")
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+

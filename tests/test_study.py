@@ -1,0 +1,207 @@
+"""The augmentation study end to end, in miniature, plus its pieces."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import study as study_config
+from medgen_jax import commands
+from medgen_jax import config_check
+from medgen_jax import report
+from medgen_jax.data import pipeline
+from medgen_jax.downstream import fit as fit_lib
+from medgen_jax.downstream import study as study_lib
+from medgen_jax.downstream import tasks as tasks_lib
+
+
+def test_arm_specs_expand_synthetic_arms_per_generator():
+  arms = study_lib.arm_specs(study_lib.ARM_KINDS, ["ddpm", "vae"])
+  names = [a.name for a in arms]
+  assert names == ["real", "real+classical", "real+ddpm", "real+vae",
+                   "real+classical+ddpm", "real+classical+vae", "ddpm only",
+                   "vae only"]
+  by_name = {a.name: a for a in arms}
+  assert by_name["real+classical+vae"].classical
+  assert by_name["real+classical+vae"].synthetic_fraction(0.3) == 0.3
+  assert by_name["ddpm only"].synthetic_fraction(0.3) == 1.0
+  assert by_name["real+classical"].synthetic_fraction(0.3) == 0.0
+  with pytest.raises(ValueError, match="study.arms entry 'gan'"):
+    study_lib.arm_specs(["gan"], ["ddpm"])
+
+
+def test_subject_subsets_are_nested_and_whole_subjects():
+  ids = np.repeat(np.arange(20), 4)
+  small = pipeline.subject_subset(ids, 0.1, seed=3)
+  large = pipeline.subject_subset(ids, 0.5, seed=3)
+  assert len(np.unique(ids[small])) == 2
+  assert len(np.unique(ids[large])) == 10
+  assert set(small) <= set(large)
+  for s in np.unique(ids[large]):  # every slice of a chosen subject.
+    assert np.sum(ids[large] == s) == 4
+  other = pipeline.subject_subset(ids, 0.5, seed=4)
+  assert set(other) != set(large)
+  with pytest.raises(ValueError, match="subject fraction"):
+    pipeline.subject_subset(ids, 0.0, seed=0)
+
+
+def test_summarize_t_interval():
+  s = study_lib.summarize([1.0, 2.0, 3.0])
+  # mean 2, sd 1, t(0.975, 2) = 4.3027 -> half width 4.3027 / sqrt(3).
+  assert s["mean"] == pytest.approx(2.0)
+  assert s["ci_high"] - s["mean"] == pytest.approx(4.302653 / np.sqrt(3),
+                                                   rel=1e-5)
+  one = study_lib.summarize([0.5])
+  assert one["mean"] == 0.5 and np.isnan(one["ci_low"])
+  assert study_lib.summarize([np.nan])["n"] == 0
+
+
+def test_draw_batch_mixes_real_and_synthetic_rows():
+  real = {"image": jnp.zeros((10, 4, 4, 1)), "label": jnp.zeros((10,),
+                                                                jnp.int32)}
+  syn = {"image": jnp.ones((6, 4, 4, 1)), "label": jnp.ones((6,), jnp.int32)}
+  pools = fit_lib.Pools(real=real, real_index=jnp.arange(10)[None],
+                        real_count=jnp.asarray([3]), synthetic=syn,
+                        synthetic_count=jnp.asarray(6))
+  for frac, want in ((0.0, 0), (0.25, 4), (1.0, 16)):
+    b = fit_lib.draw_batch(jax.random.key(0), pools, pools.real_index[0],
+                           pools.real_count[0],
+                           fit_lib.make_arm(frac, False), 16)
+    assert int(b["label"].sum()) == want
+    assert bool(jnp.all(b["image"][:want] == 1.0))
+  # Only the first real_count rows of the subset are drawn.
+  idx = jnp.asarray([7, 2, 9, 0, 0, 0, 0, 0, 0, 0])
+  real = {"image": jnp.arange(10.0).reshape(10, 1, 1, 1),
+          "label": jnp.zeros((10,), jnp.int32)}
+  pools = pools.replace(real=real)
+  b = fit_lib.draw_batch(jax.random.key(1), pools, idx, jnp.asarray(3),
+                         fit_lib.make_arm(0.0, False), 64)
+  assert set(np.asarray(b["image"]).ravel().tolist()) == {7.0, 2.0, 9.0}
+
+
+def test_segmentation_loss_prefers_the_right_mask():
+  target = jnp.zeros((2, 8, 8), jnp.int32).at[:, 2:5, 2:5].set(1)
+  good = jnp.stack([-5.0 * (target == 1) + 5.0 * (target == 0),
+                    5.0 * (target == 1) - 5.0 * (target == 0)], -1)
+  bad = -good
+  assert float(tasks_lib.segmentation_loss(good, target, 2)) < 0.1
+  assert float(tasks_lib.segmentation_loss(bad, target, 2)) > 1.0
+
+
+def test_segmentation_scores_known_overlap():
+  target = np.zeros((3, 16, 16), np.int32)
+  target[0, 4:8, 4:8] = 1
+  target[1, 2:6, 2:6] = 1
+  pred = np.zeros_like(target)
+  pred[0, 4:8, 4:8] = 1           # perfect
+  pred[1, 2:6, 5:9] = 1           # shifted by 3 columns: Dice 1/4
+  scores = tasks_lib.segmentation_scores(pred, target, 2)
+  assert scores["dice"] == pytest.approx(2 * (16 + 4) / (32 + 32))
+  assert scores["dice_per_image"] == pytest.approx((1.0 + 0.25) / 2)
+  assert scores["hd95_missed"] == 0.0
+  pred[1] = 0                     # missed lesion: Dice 0, HD95 counted missed
+  scores = tasks_lib.segmentation_scores(pred, target, 2)
+  assert scores["dice_per_image"] == pytest.approx(0.5)
+  assert scores["hd95"] == pytest.approx(0.0)
+  assert scores["hd95_missed"] == 1.0
+
+
+def test_study_config_errors_are_listed(tmp_path):
+  c = study_config.get_config("runlocal")
+  c.study.fractions = (0.0, 0.5)
+  c.study.arms = ("real", "gan")
+  c.study.tasks.classification.inputs = ("dwi",)
+  c.study.tasks.segmentation.steps = 5
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.validate(c)
+  msg = str(e.value)
+  for part in ("study.fractions entry 0.0", "'gan'", "contrast 'dwi'",
+               "steps=5 must be a multiple"):
+    assert part in msg
+
+
+@pytest.fixture(scope="module")
+def mini_study(data_dir, tmp_path_factory):
+  c = study_config.get_config("runlocal,fractions=0.5+1,"
+                              "tasks=classification+segmentation+translation")
+  c.data.data_dir = data_dir
+  workdir = str(tmp_path_factory.mktemp("study"))
+  config_check.validate(c)
+  out = commands.run("auto", c, workdir)
+  return c, workdir, out
+
+
+def test_mini_study_every_arm_has_numbers(mini_study):
+  c, workdir, out = mini_study
+  with open(os.path.join(workdir, "results.jsonl")) as f:
+    rows = [json.loads(l) for l in f]
+  arms = [a.name for a in study_lib.arm_specs(c.study.arms, ["ddpm"])]
+  cells = {(r["task"], r["fraction"], r["arm"]) for r in rows}
+  assert cells == {(t, f, a) for t in ("classification", "segmentation",
+                                       "translation")
+                   for f in (0.5, 1.0) for a in arms}
+  for r in rows:
+    assert len(r["seed_scores"]) == c.study.num_seeds
+    vals = [s[r["primary"]] for s in r["seed_scores"]]
+    assert all(np.isfinite(vals)), r
+    if r["arm"] != "real":
+      assert np.isfinite(r["delta_vs_real"]["mean"]) if "delta_vs_real" in r \
+          else True
+  # Subject subsets: half of the training subjects at 0.5.
+  half = [r for r in rows if r["fraction"] == 0.5 and r["arm"] == "real"][0]
+  full = [r for r in rows if r["fraction"] == 1.0 and r["arm"] == "real"][0]
+  assert all(h < f for h, f in zip(half["real_subjects"],
+                                   full["real_subjects"]))
+
+
+def test_mini_study_report_structure(mini_study):
+  c, workdir, out = mini_study
+  md = open(os.path.join(workdir, "report.md")).read()
+  for heading in ("# Generative augmentation study", "## Verdict",
+                  "## Downstream results", "### classification: auc",
+                  "### segmentation: dice", "### translation: ssim",
+                  "## Real vs synthetic images", "## Generators",
+                  "## Run time", "## Config"):
+    assert heading in md, heading
+  html = open(os.path.join(workdir, "report.html")).read()
+  assert html.startswith("<!DOCTYPE html>") and "<table>" in html
+  for img in ("figures/classification_auc.png", "figures/segmentation_dice.png",
+              "figures/translation_ssim.png", "figures/real_vs_ddpm.png"):
+    assert img in md and os.path.getsize(os.path.join(workdir, img)) > 1000
+  gm = json.load(open(os.path.join(workdir, "generator_metrics.json")))
+  assert gm["encoder"]["settings"]["arch"] == "ResNet"
+  for name in ("ddpm", "real (reference)"):
+    for k in ("fid", "kid", "precision", "recall", "density", "coverage",
+              "ms_ssim"):
+      assert k in gm["metrics"][name]
+  assert 0.0 <= gm["metrics"]["ddpm"]["memorized_fraction"] <= 1.0
+  table = report.summary_table(out["results"])
+  assert "real+classical+ddpm" in table and "translation" in table
+
+
+def test_mini_study_synthetic_export_is_a_tfds_dataset(mini_study):
+  c, workdir, _ = mini_study
+  directory = os.path.join(workdir, "synthetic", "ddpm")
+  prov = json.load(open(os.path.join(directory, "provenance.json")))
+  assert prov["checkpoint_step"] == c.generators.ddpm.train.num_steps
+  assert prov["contrasts"] == list(c.data.contrasts)
+  assert prov["class_counts"] == [c.study.synthetic_per_class] * 2
+  d = c.data.copy_and_resolve_references()
+  d.dataset = "synthetic"
+  d.path = directory
+  split = pipeline.read_split(d, "train")
+  assert split["flair"].shape == (2 * c.study.synthetic_per_class, 16, 16)
+  assert set(np.unique(split["lesion_mask"])) <= {0, 1}
+  assert np.all(split["subject_id"] == -1)
+
+
+def test_mini_study_resumes_without_recomputing(mini_study):
+  c, workdir, _ = mini_study
+  path = os.path.join(workdir, "results.jsonl")
+  before = open(path).read()
+  out = commands.run("study", c, workdir)
+  assert open(path).read() == before
+  assert out["timings"]["downstream"] < 30.0
