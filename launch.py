@@ -1,13 +1,19 @@
 r"""medgen_jax entry point.
 
+  python launch.py          # the default augmentation study (configs/study.py)
   python launch.py --config=configs/ddpm.py:res=32,runlocal --workdir=/tmp/x
   python launch.py --config=configs/ddpm.py --config.train.num_steps=500 ...
   python launch.py --config=... --workdir=DIR --mode=sample
 
 Modes:
+  auto    the config's main job: study for configs/study.py, else train.
+  study   run or resume the augmentation study; writes DIR/report.md.
   train   train the configured method; resumes from DIR/checkpoints.
   sample  draw config.sample.num samples from the latest checkpoint into
           DIR/samples/final_step_N.{npz,png}.
+  eval    run every evaluator of config.evals (FID/KID, precision/recall,
+          memorization, validation loss, ...) on the latest checkpoint;
+          writes DIR/eval/<name>_step_N.json and metrics.jsonl lines.
   inspect build the configured data set if needed, print its summary (counts
           per split and class, shapes, intensities, mask values) and write
           DIR/inspect/<dataset>_grid.png with the masks overlaid.
@@ -23,13 +29,15 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/ddpm.py", "Experiment config file (path[:args]).",
+    "config", "configs/study.py", "Experiment config file (path[:args]).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics, samples). Default: "
     "workdirs/<config file name>.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "inspect"],
-                          "What to do.")
+_MODE = flags.DEFINE_enum(
+    "mode", "auto", ["auto", "train", "sample", "eval", "study", "inspect"],
+    "What to do; auto: the config's main job (study for study configs, "
+    "train otherwise).")
 
 
 def _default_workdir(config_arg: str) -> str:
@@ -48,6 +56,8 @@ def main(argv):
   # Imports after flag parsing: a bad flag fails fast, before JAX starts.
   import jax  # pylint: disable=import-outside-toplevel
   from medgen_jax import config_check, runtime  # pylint: disable=import-outside-toplevel
+  # Re-executes once with huge pages for malloc (see runtime.use_huge_pages).
+  runtime.use_huge_pages()
 
   config = _CONFIG.value
   # Cluster schedulers pre-empt with SIGTERM: treat it like Ctrl-C so the

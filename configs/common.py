@@ -91,6 +91,13 @@ def data_config(*, res: int, contrasts=("t2w",), batch_size: int = 32,
       train_split="train",
       eval_split="val",
       cond=cond,
+      # Train on a random subset of the training subjects (small-data
+      # experiments); normalisation statistics still use the whole split.
+      subject_fraction=1.0,
+      subject_seed=0,
+      # Binary masks appended to the image as channels in {-1, 1}, so a
+      # generator learns images together with their segmentations.
+      mask_channels=(),
   ))
 
 

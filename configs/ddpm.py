@@ -15,7 +15,15 @@ Args (``key=value`` after the colon):
   arch: "" (size by res) or "ref6m": the 6.1 M-parameter reference U-Net
     (ch 64, (1,2,2), 2 res blocks, GroupNorm 32, one attention block in the
     middle) used to compare speed with PyTorch.
+  inception: path of the converted FID Inception-V3 weights (.npz); adds
+    an "inception_fid" evaluator for literature-comparable FID/KID.
   runlocal: tiny model and few steps, for tests and laptops.
+
+Evaluate the latest checkpoint (in-domain FID/KID, precision/recall,
+density/coverage, diversity, memorization, validation loss)::
+
+  python launch.py --config=configs/ddpm.py:res=32 \
+      --workdir=workdirs/ddpm_t2w_32 --mode=eval
 """
 
 import ml_collections
@@ -25,7 +33,7 @@ from configs import common
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, res=32, contrast="t2w", dims=2, cond="",
-                       steps=0, arch="", runlocal=False)
+                       steps=0, arch="", inception="", runlocal=False)
   contrasts = tuple(a.contrast.split("+"))
   for c in contrasts:
     if c not in common.CONTRASTS:
@@ -69,6 +77,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       num=64,
       batch_size=64,
   ))
+  # Evaluators (medgen_jax.eval.registry): every_steps=0 runs them only with
+  # --mode=eval; set it > 0 to also evaluate periodically during training.
+  c.evals = ml_collections.ConfigDict(dict(
+      generative=dict(type="generative", every_steps=0, num_samples=256,
+                      kid_subsets=50, kid_subset_size=100, pr_k=5,
+                      diversity_pairs=200, memorization_quantile=0.01),
+      loss=dict(type="loss", every_steps=0, num_batches=8),
+  ))
+  if a.inception:
+    c.evals.inception_fid = dict(type="inception_fid", every_steps=0,
+                                 weights=a.inception, num_samples=256)
   c.optim.lr = 2e-4 if a.res >= 64 else 5e-4
   c.train.num_steps = 20_000 if a.res >= 64 else 1_500
   c.train.sample_every = 500
@@ -82,6 +101,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                    num_grid_samples=4, ema_warmup=5)
     c.optim.warmup_steps = 5
     c.sample.update(steps=5, num=8, batch_size=8)
+    c.evals.generative.update(
+        num_samples=16, kid_subsets=5, kid_subset_size=8, pr_k=2,
+        diversity_pairs=8,
+        encoder=dict(width=8, num_groups=4, steps=4, steps_per_call=2,
+                     batch_size=8))
+    c.evals.loss.num_batches = 2
+    if a.inception:
+      c.evals.inception_fid.num_samples = 16
   if a.steps:
     c.train.num_steps = a.steps
   return c

@@ -63,6 +63,48 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   return out
 
 
+def evaluate(config: ml_collections.ConfigDict, workdir: str
+             ) -> Dict[str, Any]:
+  """Runs every evaluator of ``config.evals`` (one default ``generative``
+  when there is none) on the latest checkpoint and prints a table.
+
+  Writes ``metrics.jsonl`` lines ``{"step", "split": "eval/<name>", ...}``,
+  TensorBoard scalars ``eval/<name>/<metric>`` and
+  ``eval/<name>_step_N.json`` (metrics, details and the extractor card).
+  """
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  from medgen_jax.eval import registry as eval_registry  # pylint: disable=import-outside-toplevel
+  exp, step, state, _ = trainer.load_for_sampling(config, workdir)
+  evaluators = eval_registry.build_all(config, workdir)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  try:
+    results = eval_registry.evaluate_and_write(
+        evaluators, exp.method, state, step, workdir, writer)
+  finally:
+    writer.close()
+  rows = [("checkpoint step", step)]
+  for name, r in results.items():
+    rows += [(f"{name} {k}", f"{v:.5g}") for k, v in sorted(r.metrics.items())]
+    rows.append((f"{name} record",
+                 eval_registry.record_path(workdir, name, step)))
+  print("Evaluation finished:\n" + _summary_table(rows), flush=True)
+  return {"step": step, "results": results}
+
+
+def study(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Runs (or resumes) the augmentation study of a ``configs/study.py``
+  config and prints its summary table."""
+  from medgen_jax import report  # pylint: disable=import-outside-toplevel
+  from medgen_jax.downstream import study as study_lib  # pylint: disable=import-outside-toplevel
+  out = study_lib.run(config, workdir)
+  print("\nStudy finished in {:.1f} min.\n".format(out["seconds"] / 60) +
+        report.summary_table(out["results"]) +
+        f"Report: {out['report']['markdown']} (and "
+        f"{out['report']['html']})", flush=True)
+  return out
+
+
 def inspect(config: ml_collections.ConfigDict, workdir: str
             ) -> Dict[str, Any]:
   """Builds the configured data set if needed and describes it.
@@ -100,8 +142,21 @@ def inspect(config: ml_collections.ConfigDict, workdir: str
   return out
 
 
-MODES = {"train": train, "sample": sample, "inspect": inspect}
+MODES = {"train": train, "sample": sample, "eval": evaluate, "study": study,
+         "inspect": inspect}
+
+
+def default_mode(config: ml_collections.ConfigDict) -> str:
+  """What ``--mode=auto`` means: the config's main job."""
+  return "study" if config.get("kind") == "study" else "train"
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str):
+  if mode == "auto":
+    mode = default_mode(config)
+  if mode == "study" and config.get("kind") != "study":
+    raise ValueError("--mode=study needs a study config (configs/study.py)")
+  if mode != "study" and config.get("kind") == "study":
+    raise ValueError(f"--mode={mode} needs a method config (e.g. "
+                     "configs/ddpm.py); a study config runs with --mode=study")
   return MODES[mode](config, workdir)

@@ -11,6 +11,7 @@ import ml_collections
 from medgen_jax.data import builder_lib
 from medgen_jax.data import pipeline
 from medgen_jax.data import preprocess
+from medgen_jax.eval import registry as eval_registry
 from medgen_jax.methods import base as methods
 from medgen_jax.nn import conv as conv_lib
 
@@ -37,15 +38,25 @@ def _positive(errors: List[str], key: str, value: Any, allow_zero=False):
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raises ConfigError listing every problem in ``config``."""
+  errors = (study_errors(config, num_devices)
+            if config.get("kind") == "study"
+            else method_errors(config, num_devices))
+  if errors:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def method_errors(config: ml_collections.ConfigDict,
+                  num_devices: int = 1) -> List[str]:
+  """Problems of a generative-method config (``configs/ddpm.py`` & co)."""
   errors: List[str] = []
   missing = [s for s in REQUIRED_SECTIONS if s not in config]
   if missing:
-    raise ConfigError(f"config is missing sections {missing}")
+    return [f"config is missing sections {missing}"]
   d, m, me, o, t, s = (config.data, config.model, config.method, config.optim,
                        config.train, config.sample)
   missing = [k for k in builder_lib.REQUIRED_DATA_KEYS if k not in d]
   if missing:
-    raise ConfigError(f"config.data is missing keys {missing}")
+    return [f"config.data is missing keys {missing}"]
   try:
     builder = pipeline.builder_module(d.dataset)
   except ValueError as e:
@@ -102,5 +113,67 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _positive(errors, "train.sample_every", t.sample_every, allow_zero=True)
   if not 0.0 <= t.ema < 1.0:
     errors.append(f"train.ema={t.ema} must be in [0, 1)")
-  if errors:
-    raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+  errors += eval_registry.config_errors(config)
+  return errors
+
+
+STUDY_SECTIONS = ("data", "generators", "study", "augment", "encoder",
+                  "evals")
+
+
+def study_errors(config: ml_collections.ConfigDict,
+                 num_devices: int = 1) -> List[str]:
+  """Problems of an augmentation-study config (``configs/study.py``)."""
+  from medgen_jax.downstream import study as study_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.downstream import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  missing = [s for s in STUDY_SECTIONS if s not in config]
+  if missing:
+    return [f"study config is missing sections {missing}"]
+  errors: List[str] = []
+  d, sc = config.data, config.study
+  for name in config.generators:
+    gen = study_lib.generator_config(config, name, None)
+    errors += [f"generators.{name}: {e}"
+               for e in method_errors(gen, num_devices)]
+    if gen.data.cond not in ("", "label"):
+      errors.append(f"generators.{name}.data.cond={gen.data.cond!r}")
+  for f in sc.fractions:
+    if not 0.0 < f <= 1.0:
+      errors.append(f"study.fractions entry {f} must be in (0, 1]")
+  _positive(errors, "study.num_seeds", sc.num_seeds)
+  for arm in sc.arms:
+    _one_of(errors, "study.arms entry", arm, study_lib.ARM_KINDS)
+  if any("synthetic" in a for a in sc.arms) and not config.generators:
+    errors.append("study.arms use synthetic data but no generators are "
+                  "configured")
+  if not 0.0 <= sc.synthetic_ratio < 1.0:
+    errors.append(f"study.synthetic_ratio={sc.synthetic_ratio} must be in "
+                  "[0, 1) (use the 'synthetic' arm for synthetic only)")
+  _positive(errors, "study.synthetic_per_class", sc.synthetic_per_class)
+  _one_of(errors, "study.generator_data", sc.generator_data,
+          ("full", "per_fraction"))
+  if not sc.tasks:
+    errors.append("study.tasks is empty")
+  for name, t in sc.tasks.items():
+    _one_of(errors, f"study.tasks.{name}.kind", t.kind, tasks_lib.KINDS)
+    for c in tuple(t.inputs) + ((t.target,) if t.kind == "translation"
+                                else ()):
+      if c not in d.contrasts:
+        errors.append(f"study.tasks.{name}: contrast {c!r} is not in "
+                      f"data.contrasts {tuple(d.contrasts)}")
+    for k in ("steps", "steps_per_call", "batch_size"):
+      _positive(errors, f"study.tasks.{name}.{k}", t[k])
+    if (isinstance(t.steps, int) and isinstance(t.steps_per_call, int)
+        and t.steps_per_call > 0 and t.steps % t.steps_per_call):
+      errors.append(f"study.tasks.{name}.steps={t.steps} must be a multiple "
+                    f"of steps_per_call={t.steps_per_call}")
+  for k in ("steps", "steps_per_call", "batch_size"):
+    _positive(errors, f"encoder.{k}", config.encoder[k])
+  from medgen_jax.data import augment as augment_lib  # pylint: disable=import-outside-toplevel
+  errors += augment_lib.config_errors(config.augment, d.spatial_dims)
+  if "generative" not in config.evals:
+    errors.append("study configs need evals.generative (the generator "
+                  "metrics of the report)")
+  elif not 0.0 < config.evals.generative.memorization_quantile < 1.0:
+    errors.append("evals.generative.memorization_quantile must be in (0, 1)")
+  return errors

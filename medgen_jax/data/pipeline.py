@@ -28,7 +28,6 @@ NORMALIZATIONS = ("minmax", "zscore", "none")
 MASK_KEYS = ("lesion_mask", "tissue", "mask")
 
 
-
 def builder_module(name: str):
   """``medgen_jax.data.builders.<name>``, which exposes ``prepare(data_cfg)``."""
   try:
@@ -128,10 +127,67 @@ def to_model_arrays(split: Arrays, data_cfg: ml_collections.ConfigDict,
 
 
 def denormalize(image: np.ndarray, contrasts, stats) -> np.ndarray:
-  """Inverse of the normalisation: ``[..., C]`` back to signal units."""
+  """Inverse of the normalisation: ``[..., C]`` back to signal units.
+
+  Channels beyond ``len(contrasts)`` (appended masks) are dropped.
+  """
+  image = np.asarray(image)[..., :len(contrasts)]
   offsets = np.asarray([stats[c][0] for c in contrasts], np.float32)
   scales = np.asarray([stats[c][1] for c in contrasts], np.float32)
   return np.asarray(image) * scales + offsets
+
+
+def append_mask_channels(arrays: Arrays, mask_keys) -> np.ndarray:
+  """``image`` with binary masks appended as channels in {-1, 1}.
+
+  A generator trained on ``[contrasts..., mask]`` samples images together
+  with their segmentation (any non-zero label counts as foreground).
+
+  Returns:
+    ``[N, *spatial, C + len(mask_keys)]`` float32.
+  """
+  image = arrays["image"]
+  if not mask_keys:
+    return image
+  missing = [k for k in mask_keys if k not in arrays]
+  if missing:
+    raise ValueError(f"data.mask_channels {missing} are not masks of this "
+                     f"data set (has {sorted(k for k in arrays if k not in ('image', 'label'))})")
+  masks = [np.where(arrays[k] > 0, 1.0, -1.0).astype(np.float32)
+           for k in mask_keys]
+  return np.concatenate([image, np.stack(masks, axis=-1)], axis=-1)
+
+
+def split_mask_channels(image: np.ndarray, num_contrasts: int
+                        ) -> Tuple[np.ndarray, np.ndarray]:
+  """Inverse of :func:`append_mask_channels` for generated images.
+
+  Returns:
+    the contrasts ``[N, *spatial, num_contrasts]`` and the masks
+    ``[N, *spatial, M]`` as uint8 {0, 1} (threshold at 0).
+  """
+  image = np.asarray(image)
+  return (image[..., :num_contrasts],
+          (image[..., num_contrasts:] > 0).astype(np.uint8))
+
+
+def subject_subset(subject_ids: np.ndarray, fraction: float,
+                   seed: int) -> np.ndarray:
+  """Rows of a random ``fraction`` of the subjects (at least one subject).
+
+  One permutation per seed, truncated: for a fixed seed the subsets are
+  nested (the 10% subjects are among the 25%), so a curve over fractions
+  adds data instead of redrawing it.
+
+  Returns:
+    sorted row indices ``[M]`` into ``subject_ids [N]``.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"subject fraction must be in (0, 1], got {fraction}")
+  subjects = np.unique(subject_ids)
+  n = max(1, int(round(fraction * len(subjects))))
+  chosen = np.random.default_rng([seed, 7919]).permutation(subjects)[:n]
+  return np.flatnonzero(np.isin(subject_ids, chosen))
 
 
 @functools.lru_cache(maxsize=4)
@@ -242,8 +298,17 @@ def make_train_data(data_cfg: ml_collections.ConfigDict,
                     split: Optional[str] = None) -> TrainData:
   """Reads the training split, computes normalisation and a Batcher."""
   raw = read_split(data_cfg, split or data_cfg.train_split)
+  # Statistics from the whole split, so a subject subset shares the
+  # intensity scale of every other run on the same data set.
   stats = normalization_stats(raw, data_cfg)
+  fraction = data_cfg.get("subject_fraction", 1.0)
+  if fraction < 1.0:
+    rows = subject_subset(raw["subject_id"], fraction,
+                          data_cfg.get("subject_seed", 0))
+    raw = {k: v[rows] for k, v in raw.items()}
   arrays = to_model_arrays(raw, data_cfg, stats)
+  arrays["image"] = append_mask_channels(arrays, data_cfg.get("mask_channels",
+                                                              ()))
   if data_cfg.batch_size % jax.device_count():
     raise ValueError(f"data.batch_size={data_cfg.batch_size} must be "
                      f"divisible by the {jax.device_count()} devices")

@@ -26,6 +26,7 @@ from clu import periodic_actions
 from medgen_jax import runtime
 from medgen_jax import viz
 from medgen_jax.data import pipeline
+from medgen_jax.eval import registry as eval_registry
 from medgen_jax.methods import base as methods
 from medgen_jax.train import checkpoint
 from medgen_jax.train import sharding as sharding_lib
@@ -69,8 +70,8 @@ def build_experiment(config: ml_collections.ConfigDict,
   data = pipeline.make_train_data(config.data)
   batch = example_batch(data, mesh)
   method = methods.build(config, batch)
-  init_rng, train_rng, sample_rng = jax.random.split(
-      jax.random.key(config.seed), 3)
+  _, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
+  init_rng = runtime.init_key(config.seed)
   abstract_state = jax.eval_shape(method.init, init_rng, batch)
   shardings = sharding_lib.state_shardings(mesh, abstract_state, config.train)
   return Experiment(config, mesh, data, method, abstract_state, shardings,
@@ -165,7 +166,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains ``config.method`` until ``config.train.num_steps``.
 
   Writes to ``workdir``: ``config.json``, ``checkpoints/``, TensorBoard
-  events, ``metrics.jsonl`` and ``samples/step_N.png``.
+  events, ``metrics.jsonl`` and ``samples/step_N.png``; evaluators of
+  ``config.evals`` with ``every_steps > 0`` add ``eval/<name>`` lines and
+  ``eval/<name>_step_N.json``.
 
   Returns:
     A summary: final step, last logged metrics, wall time, sample PNG paths.
@@ -193,6 +196,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
   train_step = jit_train_step(exp)
   sample_fn = jax.jit(exp.method.sample, static_argnums=2)
+  # Built once (reads data, loads or trains the in-domain encoder); only
+  # evaluators with every_steps > 0 run during training.
+  evaluators = eval_registry.build_all(config, workdir, periodic_only=True)
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps,
                                            writer=writer)
   collection, acc, last = None, None, {}
@@ -234,6 +240,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                                    tc.num_grid_samples)
           writer.write_images(step, {"samples": grid[None]})
           samples.append(path)
+      due = [e for e in evaluators if e.due(step, tc.num_steps)]
+      if due:
+        with report.timed("eval"):
+          eval_registry.evaluate_and_write(due, exp.method, state, step,
+                                           workdir, writer)
   except KeyboardInterrupt:
     # Ctrl-C, or SIGTERM (launch.py turns it into KeyboardInterrupt): keep
     # the work done so far.

@@ -1,0 +1,799 @@
+"""Evaluators, looked up by type name from ``config.evals``.
+
+Every entry of the config's ``evals`` section is one evaluator::
+
+  c.evals.generative = dict(type="generative", every_steps=500,
+                            num_samples=256)
+  c.evals.val_loss = dict(type="loss", every_steps=100)
+
+``type`` picks a registered :class:`EvaluatorType` (:data:`TYPES`);
+``every_steps`` > 0 runs it during training every that many steps and at the
+final step (0: only with ``launch.py --mode=eval``); every other field is the
+type's own and falls back to its default. An evaluator is built once from
+``(config, name, fields, workdir, real data)`` (loading or training whatever
+it needs, e.g. the in-domain encoder) and then maps a method and its state to
+a :class:`Result`: flat scalar metrics for ``metrics.jsonl`` and TensorBoard,
+details for the JSON record, and the card that says which extractor and
+preprocessing produced the numbers.
+
+Evaluators draw from their own fixed PRNG keys (``seed``), never from the
+trainer's, so running them does not change training, and the numbers of
+different steps are computed from the same noise.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import os
+import time
+import types
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from medgen_jax.data import pipeline
+from medgen_jax.eval import features as feature_metrics
+from medgen_jax.eval import inception
+
+Arrays = Dict[str, np.ndarray]
+PyTree = Any
+JSONL = "metrics.jsonl"
+EVAL_DIR = "eval"
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """What one evaluation produced.
+
+  Attributes:
+    metrics: flat ``{name: float}``; written to ``metrics.jsonl`` and
+      TensorBoard.
+    details: JSON-ready extras (counts, audit summaries, closest pairs).
+    card: which extractor, weights and preprocessing produced the numbers.
+  """
+
+  metrics: Dict[str, float]
+  details: Dict[str, Any]
+  card: Dict[str, Any]
+
+
+# (method, state) -> Result.
+EvalFn = Callable[[Any, PyTree], Result]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluatorType:
+  """A registered kind of evaluator.
+
+  Attributes:
+    factory: ``(config, name, fields, workdir, real) -> EvalFn``.
+    defaults: the type's fields and their defaults (besides ``type`` and
+      ``every_steps``); a dict value is a sub-section merged key by key.
+    check: ``(config, name, fields) -> [error, ...]`` on resolved fields.
+    doc: one line for listings.
+  """
+
+  factory: Callable[..., EvalFn]
+  defaults: Mapping[str, Any]
+  check: Callable[[ml_collections.ConfigDict, str, ml_collections.ConfigDict],
+                  List[str]]
+  doc: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """A built evaluator: ``evaluator(method, state) -> Result``."""
+
+  name: str
+  type: str
+  every_steps: int
+  fields: ml_collections.ConfigDict
+  fn: EvalFn
+
+  def due(self, step: int, final_step: int) -> bool:
+    """Whether training runs it after ``step``."""
+    return self.every_steps > 0 and (step % self.every_steps == 0 or
+                                     step == final_step)
+
+  def __call__(self, method, state: PyTree) -> Result:
+    return self.fn(method, state)
+
+
+# ----------------------------------------------------------- real data ----
+
+
+@dataclasses.dataclass(frozen=True)
+class RealData:
+  """The real splits evaluators compare with, read once and shared.
+
+  Images are normalised exactly like the generator's training data (the
+  statistics of the whole training split); ``image`` holds the contrasts
+  only, masks stay separate keys (``lesion_mask``, ...).
+  """
+
+  config: ml_collections.ConfigDict
+
+  @functools.cached_property
+  def _raw(self) -> Dict[str, Arrays]:
+    d = self.config.data
+    return {s: pipeline.read_split(d, s)
+            for s in sorted({d.train_split, d.eval_split})}
+
+  def raw(self, split: str) -> Arrays:
+    if split in self._raw:
+      return self._raw[split]
+    return pipeline.read_split(self.config.data, split)
+
+  @functools.cached_property
+  def stats(self) -> Dict[str, Tuple[float, float]]:
+    d = self.config.data
+    return pipeline.normalization_stats(self.raw(d.train_split), d)
+
+  def arrays(self, split: str) -> Arrays:
+    """``image [N, *spatial, C]`` (contrasts), ``label``, masks."""
+    return pipeline.to_model_arrays(self.raw(split), self.config.data,
+                                    self.stats)
+
+  @functools.cached_property
+  def train(self) -> Arrays:
+    """The whole training split (what the in-domain encoder learns)."""
+    return self.arrays(self.config.data.train_split)
+
+  @functools.cached_property
+  def generator_train(self) -> Arrays:
+    """The training images the generator saw (``data.subject_fraction``):
+    the reference of the memorization audit."""
+    d = self.config.data
+    fraction = d.get("subject_fraction", 1.0)
+    if fraction >= 1.0:
+      return self.train
+    rows = pipeline.subject_subset(self.raw(d.train_split)["subject_id"],
+                                   fraction, d.get("subject_seed", 0))
+    return {k: v[rows] for k, v in self.train.items()}
+
+  @functools.cached_property
+  def heldout(self) -> Arrays:
+    """``data.eval_split``: the real distribution synthetic sets are scored
+    against."""
+    return self.arrays(self.config.data.eval_split)
+
+  def model_inputs(self, split: str) -> Arrays:
+    """``split`` as the method sees it in training (mask channels
+    appended to ``image``)."""
+    arrays = self.arrays(split)
+    arrays["image"] = pipeline.append_mask_channels(
+        arrays, self.config.data.get("mask_channels", ()))
+    return arrays
+
+
+# ------------------------------------------------------------ sampling ----
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_sample(method) -> Callable:
+  # One compiled sampler per method object, shared by every evaluator.
+  return jax.jit(method.sample, static_argnums=2)
+
+
+def sample_labels(mode: str, num: int, num_classes: int,
+                  heldout_labels: Optional[np.ndarray] = None) -> np.ndarray:
+  """Class labels ``[num]`` for a conditional generator, sorted by class.
+
+  ``balanced``: equal counts (the first classes get the remainder);
+  ``heldout``: the class frequencies of ``heldout_labels`` (largest
+  remainder rounding), so FID compares like with like when real classes are
+  imbalanced.
+  """
+  if mode == "balanced":
+    p = np.full(num_classes, 1.0 / num_classes)
+  elif mode == "heldout":
+    counts = np.bincount(np.asarray(heldout_labels), minlength=num_classes)
+    p = counts / counts.sum()
+  else:
+    raise ValueError(f"labels={mode!r} must be 'balanced' or 'heldout'")
+  exact = p * num
+  counts = np.floor(exact).astype(np.int64)
+  order = np.argsort(-(exact - counts), kind="stable")
+  counts[order[:num - counts.sum()]] += 1
+  return np.repeat(np.arange(num_classes, dtype=np.int32), counts)
+
+
+def sample_set(method, state: PyTree, config: ml_collections.ConfigDict,
+               num: int, batch_size: int, rng: jax.Array,
+               labels: Optional[np.ndarray] = None) -> Arrays:
+  """``num`` samples from ``method.sample`` (EMA parameters when present).
+
+  Every call uses the same batch shape (the last batch is padded), so the
+  sampler compiles once. Batch ``i`` uses ``fold_in(rng, i)``.
+
+  Returns:
+    ``image [num, *spatial, C]`` (contrasts in [-1, 1]), the masks of
+    ``data.mask_channels`` as uint8 ``[num, *spatial]``, and ``label``
+    when ``labels`` is given (conditional generators).
+  """
+  fn = _jitted_sample(method)
+  chunks = []
+  for i in range(-(-num // batch_size)):
+    cond = None
+    if labels is not None:
+      part = labels[i * batch_size:(i + 1) * batch_size]
+      cond = {"label": np.resize(part, batch_size)}
+    out = fn(state, jax.random.fold_in(rng, i), batch_size, cond)
+    chunks.append(np.asarray(jax.device_get(out["image"])))
+  image = np.concatenate(chunks)[:num]
+  d = config.data
+  contrasts, masks = pipeline.split_mask_channels(image, len(d.contrasts))
+  out = {"image": contrasts.astype(np.float32)}
+  for j, k in enumerate(d.get("mask_channels", ())):
+    out[k] = masks[..., j]
+  if labels is not None:
+    out["label"] = np.asarray(labels, np.int32)
+  return out
+
+
+def _conditional_labels(config, fields, real: RealData) -> Optional[np.ndarray]:
+  if config.data.cond != "label":
+    return None
+  heldout = real.heldout.get("label") if fields.labels == "heldout" else None
+  return sample_labels(fields.labels, fields.num_samples,
+                       int(config.data.num_classes), heldout)
+
+
+def _sampling_card(config, fields, num: int) -> Dict[str, Any]:
+  s = config.sample
+  return dict(num=num, seed=fields.seed, labels=(
+      fields.labels if config.data.cond == "label" else "unconditional"),
+              params="EMA parameters when the method keeps them",
+              sampler={k: s[k] for k in ("sampler", "steps", "eta",
+                                         "guidance_scale") if k in s})
+
+
+# ----------------------------------------------------------- generative ----
+
+
+ENCODER_DEFAULTS = dict(
+    width=32, stage_sizes=(1, 1, 1), num_groups=8,
+    # 0: data.num_classes.
+    num_classes=0,
+    steps=300, steps_per_call=25, batch_size=64, seed=0,
+    conv_lowering="auto",
+    optim=dict(name="adamw", lr=2e-3, schedule="cosine", warmup_steps=0,
+               final_lr_frac=0.05, weight_decay=1e-4, b1=0.9, b2=0.999,
+               grad_clip=1.0))
+
+_SAMPLING_DEFAULTS = dict(
+    num_samples=256,
+    # 0: config.sample.batch_size.
+    batch_size=0,
+    seed=0,
+    # Conditional generators: "balanced" classes or the "heldout" mix.
+    labels="balanced")
+
+GENERATIVE_DEFAULTS = dict(
+    **_SAMPLING_DEFAULTS,
+    kid_subsets=50, kid_subset_size=100, pr_k=5, diversity_pairs=200,
+    memorization_quantile=0.01, audit=True,
+    # "": <workdir>/encoder.
+    encoder_dir="",
+    encoder=ENCODER_DEFAULTS)
+
+# Counts and settings of set_metrics that are not metrics.
+_DETAIL_KEYS = ("pr_k", "num_real", "num_synthetic")
+
+
+def split_scalars(raw: Mapping[str, Any], detail_keys: Sequence[str] = ()
+                  ) -> Tuple[Dict[str, float], Dict[str, Any]]:
+  """Flat scalar metrics (``kid: {mean, std}`` -> ``kid_mean``,
+  ``kid_std``) and everything else (nested structures, ``detail_keys``)."""
+  metrics, details = {}, {}
+
+  def scalar(v):
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+  for k, v in raw.items():
+    if k in detail_keys:
+      details[k] = v
+    elif scalar(v):
+      metrics[k] = float(v)
+    elif isinstance(v, Mapping) and v and all(scalar(x) for x in v.values()):
+      metrics.update({f"{k}_{n}": float(x) for n, x in v.items()})
+    else:
+      details[k] = v
+  return metrics, details
+
+
+def encoder_config(config: ml_collections.ConfigDict,
+                   fields: ml_collections.ConfigDict
+                   ) -> ml_collections.ConfigDict:
+  """The resolved ``encoder`` sub-section (``num_classes`` filled in)."""
+  enc = ml_collections.ConfigDict(fields.encoder.to_dict())
+  if not enc.num_classes:
+    enc.num_classes = int(config.data.num_classes)
+  return enc
+
+
+def _generative(config, name, fields, workdir, real: RealData) -> EvalFn:
+  """In-domain FID, KID, precision/recall, density/coverage, MS-SSIM
+  diversity, label agreement and the memorization audit."""
+  # Imported here: the encoder pulls in the downstream models and trainers,
+  # which config validation (this module's other user) does not need.
+  from medgen_jax.eval import encoder as encoder_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.eval import generative  # pylint: disable=import-outside-toplevel
+  d = config.data
+  directory = fields.encoder_dir or os.path.join(workdir, "encoder")
+  enc = encoder_lib.train_or_load(
+      encoder_config(config, fields), d.contrasts, d.spatial_dims,
+      real.train, real.heldout, directory,
+      extra_card=dict(dataset=d.dataset, train_split=d.train_split,
+                      normalization=d.normalization,
+                      stats={k: list(v) for k, v in real.stats.items()}))
+  labels = _conditional_labels(config, fields, real)
+  card = dict(
+      extractor="in-domain encoder", encoder_dir=os.path.abspath(directory),
+      encoder=enc.card,
+      preprocessing=(f"contrasts {'+'.join(d.contrasts)} normalised with the "
+                     f"training split's {d.normalization} statistics; mask "
+                     "channels split off; no resizing"),
+      real=dict(dataset=d.dataset, split=d.eval_split,
+                num=int(len(real.heldout["image"]))),
+      memorization_reference=dict(
+          split=d.train_split, num=int(len(real.generator_train["image"]))),
+      synthetic=_sampling_card(config, fields, fields.num_samples))
+  batch_size = fields.batch_size or config.sample.batch_size
+
+  def run(method, state) -> Result:
+    fake = sample_set(method, state, config, fields.num_samples, batch_size,
+                      jax.random.key(fields.seed), labels)
+    raw = generative.set_metrics(enc, real.generator_train, real.heldout,
+                                 fake, fields, seed=fields.seed,
+                                 audit=fields.audit)
+    metrics, details = split_scalars(raw, _DETAIL_KEYS)
+    return Result(metrics, details, card)
+
+  return run
+
+
+def _sampling_errors(prefix: str, f) -> List[str]:
+  errors = []
+  _min_int(errors, f"{prefix}.num_samples", f.num_samples, 2)
+  _min_int(errors, f"{prefix}.batch_size", f.batch_size, 0)
+  _min_int(errors, f"{prefix}.seed", f.seed, 0)
+  if f.labels not in ("balanced", "heldout"):
+    errors.append(f"{prefix}.labels={f.labels!r} must be one of "
+                  "('balanced', 'heldout')")
+  return errors
+
+
+def _generative_errors(config, prefix: str, f) -> List[str]:
+  errors = _sampling_errors(prefix, f)
+  for k, lo in (("kid_subsets", 1), ("kid_subset_size", 2), ("pr_k", 1),
+                ("diversity_pairs", 1)):
+    _min_int(errors, f"{prefix}.{k}", f[k], lo)
+  q = f.memorization_quantile
+  if not (isinstance(q, (int, float)) and 0.0 < q < 1.0):
+    errors.append(f"{prefix}.memorization_quantile={q!r} must be in (0, 1)")
+  e = f.encoder
+  for k in ("width", "num_groups", "steps", "steps_per_call", "batch_size"):
+    _min_int(errors, f"{prefix}.encoder.{k}", e[k], 1)
+  if (isinstance(e.steps, int) and isinstance(e.steps_per_call, int) and
+      e.steps_per_call > 0 and e.steps % e.steps_per_call):
+    errors.append(f"{prefix}.encoder.steps={e.steps} must be a multiple of "
+                  f"steps_per_call={e.steps_per_call}")
+  classes = e.num_classes or config.data.num_classes
+  if not (isinstance(classes, int) and classes >= 2):
+    errors.append(
+        f"{prefix}: the in-domain encoder is a classifier of data.label and "
+        f"needs at least 2 classes (encoder.num_classes or data.num_classes "
+        f"is {classes!r}); use a labelled data set or type='inception_fid'")
+  return errors
+
+
+# -------------------------------------------------------- inception_fid ----
+
+
+INCEPTION_DEFAULTS = dict(
+    **_SAMPLING_DEFAULTS,
+    # The converted pytorch-fid weights (.npz); required.
+    weights="",
+    # "": all contrasts (1 or 3 of them); else the one contrast to score.
+    contrast="",
+    input_range=(-1.0, 1.0),
+    feature_batch_size=50,
+    kid_subsets=50, kid_subset_size=100)
+
+
+def _file_digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def inception_channels(contrasts: Sequence[str], contrast: str
+                       ) -> Tuple[int, ...]:
+  """Image channels fed to Inception (which takes 1 or 3)."""
+  if contrast:
+    return (list(contrasts).index(contrast),)
+  if len(contrasts) not in (1, 3):
+    raise ValueError(f"Inception takes 1 or 3 channels; data.contrasts "
+                     f"{tuple(contrasts)} has {len(contrasts)}: set contrast")
+  return tuple(range(len(contrasts)))
+
+
+def _inception_fid(config, name, fields, workdir, real: RealData) -> EvalFn:
+  """FID and KID on Inception-V3 pool3 features (literature comparability)."""
+  del workdir
+  d = config.data
+  variables = inception.load_variables(fields.weights)
+  channels = list(inception_channels(d.contrasts, fields.contrast))
+  input_range = tuple(float(v) for v in fields.input_range)
+
+  def extract(images):
+    return inception.extract_features(
+        variables, np.asarray(images)[..., channels],
+        fields.feature_batch_size, input_range)
+
+  # Real features never change: computed once, at build time.
+  f_real = extract(real.heldout["image"])
+  labels = _conditional_labels(config, fields, real)
+  card = dict(
+      extractor="FID Inception-V3 pool3 (pytorch-fid port of TensorFlow's "
+                "2015-12-05 graph), 2048-d",
+      weights=os.path.abspath(fields.weights),
+      weights_sha256=_file_digest(fields.weights),
+      preprocessing=dict(
+          channels=[d.contrasts[c] for c in channels],
+          input_range=list(input_range),
+          steps=["clip to input_range, map to [0, 1]",
+                 "repeat one channel to RGB",
+                 "bilinear resize to 299x299 without antialiasing",
+                 "scale to [-1, 1]"],
+          quantized=False),
+      real=dict(dataset=d.dataset, split=d.eval_split, num=int(len(f_real))),
+      synthetic=_sampling_card(config, fields, fields.num_samples))
+  batch_size = fields.batch_size or config.sample.batch_size
+
+  def run(method, state) -> Result:
+    key = jax.random.key(fields.seed)
+    fake = sample_set(method, state, config, fields.num_samples, batch_size,
+                      key, labels)
+    f_fake = extract(fake["image"])
+    kid_mean, kid_std = feature_metrics.kid_from_features(
+        f_real, f_fake, fields.kid_subsets, fields.kid_subset_size,
+        rng=jax.random.fold_in(key, 1 << 20))
+    metrics = dict(fid=feature_metrics.fid_from_features(f_real, f_fake),
+                   kid_mean=kid_mean, kid_std=kid_std)
+    return Result(metrics, dict(num_real=int(len(f_real)),
+                                num_synthetic=int(len(f_fake))), card)
+
+  return run
+
+
+def _inception_errors(config, prefix: str, f) -> List[str]:
+  errors = _sampling_errors(prefix, f)
+  for k, lo in (("feature_batch_size", 1), ("kid_subsets", 1),
+                ("kid_subset_size", 2)):
+    _min_int(errors, f"{prefix}.{k}", f[k], lo)
+  if not f.weights:
+    errors.append(f"{prefix}.weights is empty: give the Inception weights "
+                  ".npz (converted with experiments/tools/"
+                  "convert_inception_weights.py)")
+  elif not os.path.isfile(f.weights):
+    errors.append(f"{prefix}.weights: Inception weights file {f.weights} "
+                  "not found")
+  if f.contrast and f.contrast not in config.data.contrasts:
+    errors.append(f"{prefix}.contrast={f.contrast!r} is not in data.contrasts "
+                  f"{tuple(config.data.contrasts)}")
+  elif not f.contrast and len(config.data.contrasts) not in (1, 3):
+    errors.append(f"{prefix}.contrast is empty but data.contrasts "
+                  f"{tuple(config.data.contrasts)} are not 1 or 3 channels; "
+                  "name the contrast Inception should see")
+  r = tuple(f.input_range)
+  if len(r) != 2 or not r[0] < r[1]:
+    errors.append(f"{prefix}.input_range={r!r} must be (low, high) with "
+                  "low < high")
+  return errors
+
+
+# ----------------------------------------------------------------- loss ----
+
+
+LOSS_DEFAULTS = dict(
+    # "": data.eval_split.
+    split="",
+    num_batches=8,
+    # 0: data.batch_size.
+    batch_size=0,
+    seed=0,
+    # "ema" (what sampling uses) or "raw" (what the optimizer updates).
+    params="ema")
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_loss(method) -> Callable:
+  loss_fn = getattr(method, "loss_fn", None)
+  if loss_fn is None:
+    raise ValueError(f"{type(method).__name__} has no loss_fn(params, batch, "
+                     "rng): the 'loss' evaluator cannot score it")
+  if "train" in inspect.signature(loss_fn).parameters:
+    # Dropout off: the validation loss of the deterministic network.
+    loss_fn = functools.partial(loss_fn, train=False)
+  return jax.jit(loss_fn)
+
+
+def _loss(config, name, fields, workdir, real: RealData) -> EvalFn:
+  """The method's training objective on a held-out split: fixed batches,
+  fixed keys (diffusion times and noise), so steps are comparable."""
+  del name, workdir
+  split = fields.split or config.data.eval_split
+  arrays = real.model_inputs(split)
+  batch_size = fields.batch_size or config.data.batch_size
+  batcher = pipeline.Batcher(arrays, batch_size, fields.seed)
+  batches = [batcher.batch(i) for i in range(fields.num_batches)]
+  keys = [jax.random.fold_in(jax.random.key(fields.seed), i)
+          for i in range(fields.num_batches)]
+  card = dict(objective=f"{config.method.name} training loss (dropout off)",
+              params=fields.params, split=split,
+              num_examples=int(len(arrays["image"])),
+              batches=fields.num_batches, batch_size=batch_size,
+              seed=fields.seed)
+
+  def run(method, state) -> Result:
+    fn = _jitted_loss(method)
+    params = state.params
+    if fields.params == "ema" and state.ema_params is not None:
+      params = state.ema_params
+    losses = np.asarray([float(fn(params, b, k))
+                         for b, k in zip(batches, keys)])
+    return Result(dict(loss=float(losses.mean()),
+                       loss_std=float(losses.std())),
+                  dict(batch_losses=losses.tolist()), card)
+
+  return run
+
+
+def _loss_errors(config, prefix: str, f) -> List[str]:
+  errors: List[str] = []
+  _min_int(errors, f"{prefix}.num_batches", f.num_batches, 1)
+  _min_int(errors, f"{prefix}.batch_size", f.batch_size, 0)
+  _min_int(errors, f"{prefix}.seed", f.seed, 0)
+  if f.params not in ("ema", "raw"):
+    errors.append(f"{prefix}.params={f.params!r} must be one of "
+                  "('ema', 'raw')")
+  if not isinstance(f.split, str):
+    errors.append(f"{prefix}.split={f.split!r} must be a split name")
+  del config
+  return errors
+
+
+# ------------------------------------------------------------- registry ----
+
+
+TYPES: Mapping[str, EvaluatorType] = types.MappingProxyType({
+    "generative": EvaluatorType(
+        _generative, GENERATIVE_DEFAULTS, _generative_errors,
+        "in-domain FID/KID, precision/recall, density/coverage, MS-SSIM "
+        "diversity, memorization audit"),
+    "inception_fid": EvaluatorType(
+        _inception_fid, INCEPTION_DEFAULTS, _inception_errors,
+        "FID/KID on Inception-V3 features from a user-supplied weights file"),
+    "loss": EvaluatorType(
+        _loss, LOSS_DEFAULTS, _loss_errors,
+        "the method's loss on a held-out split (validation loss)"),
+})
+DEFAULT_EVALS = {"generative": {"type": "generative"}}
+
+
+def available() -> Tuple[str, ...]:
+  return tuple(sorted(TYPES))
+
+
+def lookup(type_name: str) -> EvaluatorType:
+  """The registered type, or an error listing the registered ones."""
+  if type_name not in TYPES:
+    raise ValueError(f"unknown evaluator type {type_name!r}; registered: "
+                     f"{available()}")
+  return TYPES[type_name]
+
+
+def _min_int(errors: List[str], key: str, value: Any, lo: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    errors.append(f"{key}={value!r} must be an integer >= {lo}")
+
+
+def _as_dict(entry: Any) -> Dict[str, Any]:
+  if isinstance(entry, ml_collections.ConfigDict):
+    return entry.to_dict()
+  return dict(entry)
+
+
+def _merge(prefix: str, defaults: Mapping[str, Any], given: Mapping[str, Any],
+           errors: List[str]) -> Dict[str, Any]:
+  out = {}
+  for k, v in given.items():
+    if k not in defaults:
+      errors.append(f"{prefix}.{k}: unknown field; known: "
+                    f"{sorted(defaults)}")
+  for k, default in defaults.items():
+    v = given.get(k, default)
+    if isinstance(default, Mapping):
+      if not isinstance(v, Mapping):
+        errors.append(f"{prefix}.{k} must be a section (dict), got {v!r}")
+        v = {}
+      v = _merge(f"{prefix}.{k}", default, v, errors)
+    out[k] = v
+  return out
+
+
+def _resolve(name: str, entry: Any, errors: List[str]
+             ) -> Optional[Tuple[str, int, ml_collections.ConfigDict]]:
+  """``(type, every_steps, fields)`` of ``evals.<name>``; problems go to
+  ``errors`` (``None`` when the entry cannot be read at all)."""
+  prefix = f"evals.{name}"
+  if not isinstance(entry, (Mapping, ml_collections.ConfigDict)):
+    errors.append(f"{prefix} must be a dict(type=..., every_steps=...), got "
+                  f"{entry!r}")
+    return None
+  given = _as_dict(entry)
+  if "type" not in given:
+    errors.append(f"{prefix}.type is missing; registered types: "
+                  f"{available()}")
+    return None
+  type_name = given.pop("type")
+  if type_name not in TYPES:
+    errors.append(f"{prefix}.type={type_name!r} is not a registered "
+                  f"evaluator type; registered: {available()}")
+    return None
+  every = given.pop("every_steps", 0)
+  _min_int(errors, f"{prefix}.every_steps", every, 0)
+  fields = _merge(prefix, TYPES[type_name].defaults, given, errors)
+  return type_name, every, ml_collections.ConfigDict(fields)
+
+
+def entries(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """``config.evals``, or one default ``generative`` evaluator when it is
+  missing or empty."""
+  evals = config.get("evals")
+  if not evals:
+    return dict(DEFAULT_EVALS)
+  return {k: evals[k] for k in evals}
+
+
+def config_errors(config: ml_collections.ConfigDict) -> List[str]:
+  """Problems of ``config.evals`` (empty when there is none), each naming
+  the field."""
+  errors: List[str] = []
+  evals = config.get("evals")
+  if evals is None:
+    return errors
+  if not isinstance(evals, (Mapping, ml_collections.ConfigDict)):
+    return [f"evals must be a section of named evaluators, got {evals!r}"]
+  for name in evals:
+    resolved = _resolve(name, evals[name], errors)
+    if resolved is not None:
+      type_name, _, fields = resolved
+      errors += TYPES[type_name].check(config, f"evals.{name}", fields)
+  return errors
+
+
+def build(config: ml_collections.ConfigDict, name: str, entry: Any,
+          workdir: str, real: Optional[RealData] = None) -> Evaluator:
+  """Builds ``evals.<name>`` (loads or trains what it needs)."""
+  errors: List[str] = []
+  resolved = _resolve(name, entry, errors)
+  if resolved is not None:
+    errors += TYPES[resolved[0]].check(config, f"evals.{name}", resolved[2])
+  if errors:
+    raise ValueError("invalid evaluator config:\n  - " + "\n  - ".join(errors))
+  type_name, every, fields = resolved
+  fn = TYPES[type_name].factory(config, name, fields, workdir,
+                                real or RealData(config))
+  return Evaluator(name, type_name, every, fields, fn)
+
+
+def build_all(config: ml_collections.ConfigDict, workdir: str,
+              periodic_only: bool = False) -> List[Evaluator]:
+  """Every evaluator of the config, sharing one read of the real data.
+
+  Args:
+    periodic_only: only those with ``every_steps > 0`` (what training runs;
+      no default evaluator is added).
+  """
+  if periodic_only:
+    evals = config.get("evals") or {}
+    chosen = {k: evals[k] for k in evals
+              if _as_dict(evals[k]).get("every_steps", 0) > 0}
+  else:
+    chosen = entries(config)
+  real = RealData(config)
+  return [build(config, k, v, workdir, real) for k, v in chosen.items()]
+
+
+# -------------------------------------------------------------- writing ----
+
+
+def _json_default(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  return str(x)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _replace_jsonl(path: str, record: Dict[str, Any]) -> None:
+  """Appends ``record``, dropping an older line of the same step and split
+  (an evaluation repeated at one checkpoint replaces the old numbers)."""
+  key = (record["step"], record["split"])
+  kept = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          old = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # a line cut by a kill mid-write.
+        if (old.get("step"), old.get("split")) != key:
+          kept.append(line if line.endswith("\n") else line + "\n")
+  kept.append(json.dumps(record, sort_keys=True) + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+def record_path(workdir: str, name: str, step: int) -> str:
+  return os.path.join(workdir, EVAL_DIR, f"{name}_step_{step}.json")
+
+
+def write_result(workdir: str, evaluator: Evaluator, step: int,
+                 result: Result, writer=None, seconds: float = 0.0) -> str:
+  """Writes one result: a ``metrics.jsonl`` line ``{"step", "split":
+  "eval/<name>", ...metrics}``, TensorBoard scalars ``eval/<name>/<metric>``
+  and ``eval/<name>_step_<step>.json`` (metrics, details, card, fields).
+
+  Returns:
+    The JSON record's path.
+  """
+  name = evaluator.name
+  path = record_path(workdir, name, step)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_json(path, dict(
+        name=name, type=evaluator.type, step=step, metrics=result.metrics,
+        details=result.details, card=result.card,
+        fields=evaluator.fields.to_dict(), seconds=seconds,
+        time=time.strftime("%Y-%m-%dT%H:%M:%S")))
+    _replace_jsonl(os.path.join(workdir, JSONL),
+                   {"step": step, "split": f"eval/{name}", **result.metrics})
+  if writer is not None:
+    writer.write_scalars(step, {f"eval/{name}/{k}": v
+                                for k, v in result.metrics.items()})
+  return path
+
+
+def evaluate_and_write(evaluators: Sequence[Evaluator], method,
+                       state: PyTree, step: int, workdir: str,
+                       writer=None) -> Dict[str, Result]:
+  """Runs each evaluator on ``state`` and writes its result (see
+  :func:`write_result`)."""
+  out = {}
+  for ev in evaluators:
+    t0 = time.time()
+    result = ev(method, state)
+    write_result(workdir, ev, step, result, writer, time.time() - t0)
+    out[ev.name] = result
+  if writer is not None:
+    writer.flush()
+  return out
