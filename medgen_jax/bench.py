@@ -35,6 +35,9 @@ _PEAK = flags.DEFINE_float("peak_tflops", 0.0,
 _OUT = flags.DEFINE_string("out", "", "Also write the results as JSON here.")
 _PROFILE = flags.DEFINE_integer(
     "profile", 0, "Traced training steps for a per-op breakdown (0: none).")
+_CACHE = flags.DEFINE_bool(
+    "compile_cache", True, "Use the persistent XLA compilation cache; "
+    "--nocompile_cache times a cold compile.")
 _TOP_OPS = flags.DEFINE_integer("top_ops", 12,
                                 "Slowest HLO ops listed with --profile.")
 
@@ -84,6 +87,8 @@ def run(config) -> Dict[str, Any]:
   from medgen_jax.train import sharding, trainer  # pylint: disable=import-outside-toplevel
 
   runtime.setup(config)
+  if not _CACHE.value:
+    jax.config.update("jax_enable_compilation_cache", False)
   config_check.validate(config, num_devices=jax.device_count())
   exp = trainer.build_experiment(config)
   state = trainer.init_state(exp)

@@ -1,6 +1,6 @@
 r"""Alternating JAX vs PyTorch benchmark of the same DDPM U-Net on this CPU.
 
-  python experiments/benchmarks/compare.py --rounds=3 --steps=6
+  python experiments/benchmarks/compare.py --rounds=3 --steps=6 [--profile]
 
 Each round runs ``python -m medgen_jax.bench`` (configs/ddpm.py with
 arch=ref6m: ch 64, (1,2,2), 2 res blocks, GroupNorm 32, batch 32, 1x32x32)
@@ -43,15 +43,20 @@ def main():
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=6)
   p.add_argument("--config", default="configs/ddpm.py:res=32,arch=ref6m")
-  # Five DDIM steps suffice to time one denoising step.
+  # Five DDIM steps suffice to time one denoising step; a cold compile is
+  # what a new run or a changed config pays.
   p.add_argument("--jax_flags", nargs="*",
-                 default=["--config.sample.steps=5"],
+                 default=["--config.sample.steps=5", "--nocompile_cache"],
                  help="extra flags for medgen_jax.bench, e.g. "
                       "--config.model.conv_lowering=xla")
+  p.add_argument("--profile", action="store_true",
+                 help="also print the JAX per-op breakdown of a train step")
   p.add_argument("--torch_flags", nargs="*",
                  default=["--ch=64", "--num_res_blocks=2", "--num_groups=32",
                           "--res=32", "--batch=32", "--sample_batch=64"])
   a = p.parse_args()
+  if a.profile:
+    a.jax_flags = [*a.jax_flags, "--profile=1"]
   jax_train, jax_sample, torch_train, torch_sample = [], [], [], []
   jax_rss, torch_rss, compile_s = [], [], []
   for r in range(a.rounds):
@@ -78,6 +83,9 @@ def main():
   for name, jv, tv in rows:
     print(f"{name:32}{jv:10.3f}{tv:10.3f}{jv / tv:9.2f}")
   print(f"{'JAX compile (s)':32}{med(compile_s):10.2f}")
+  if "profile_table" in j:
+    print("\nJAX training step by op category (last round):\n" +
+          j["profile_table"])
 
 
 if __name__ == "__main__":
