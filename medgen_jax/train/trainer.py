@@ -18,10 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from clu import metrics as clu_metrics
 from clu import parameter_overview
-from clu import periodic_actions
 
 from medgen_jax import runtime
 from medgen_jax import viz
@@ -184,6 +182,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   jsonl = os.path.join(workdir, "metrics.jsonl")
   _truncate_jsonl(jsonl, start)
 
+  # clu's writers and periodic actions import TensorFlow (~650 MB, seconds):
+  # only a training run needs them, not the benchmark or sampling.
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  from clu import periodic_actions  # pylint: disable=import-outside-toplevel
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if start == 0:
