@@ -66,9 +66,13 @@ class DDPM:
     params = self.model.init({"params": rng}, x, t, y, train=False)["params"]
     return create_state(params, self.tx, use_ema=self.config.train.ema > 0)
 
-  def loss_fn(self, params, batch: Batch,
-              rng: jax.Array) -> jax.Array:
-    """Mean squared error of the ``eps|v`` prediction at uniform ``t``."""
+  def loss_fn(self, params, batch: Batch, rng: jax.Array,
+              train: bool = True) -> jax.Array:
+    """Mean squared error of the ``eps|v`` prediction at uniform ``t``.
+
+    ``train=False`` turns dropout off (validation loss); label dropout for
+    classifier-free guidance is part of the objective and stays.
+    """
     x0 = batch["image"].astype(jnp.float32)
     t_key, noise_key, label_key, dropout_key = jax.random.split(rng, 4)
     t = jax.random.randint(t_key, x0.shape[:1], 0,
@@ -81,7 +85,7 @@ class DDPM:
     if self.conditional:
       y = samplers.drop_labels(label_key, batch["label"],
                                self.config.method.p_uncond, self.num_classes)
-    out = self.model.apply({"params": params}, x_t, t, y, train=True,
+    out = self.model.apply({"params": params}, x_t, t, y, train=train,
                            rngs={"dropout": dropout_key})
     return jnp.mean(jnp.square(out - target))
 
