@@ -222,8 +222,8 @@ def test_inception_fid_missing_weights_file_is_named(tiny_config, tmp_path):
 
 def test_fid_in_the_joint_span_equals_fid():
   rng = np.random.default_rng(0)
-  real = rng.normal(size=(20, 256)) * rng.uniform(0.5, 2.0, 256)
-  fake = rng.normal(0.3, 1.0, size=(12, 256))
+  real = rng.normal(size=(20, 128)) * rng.uniform(0.5, 2.0, 128)
+  fake = rng.normal(0.3, 1.0, size=(12, 128))
   r, f = registry.joint_span(real, fake)
   assert r.shape == (20, 33) and f.shape == (12, 33)
   np.testing.assert_allclose(features.fid_from_features(r, f),

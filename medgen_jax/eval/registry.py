@@ -35,6 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from medgen_jax import runtime
 from medgen_jax.data import pipeline
 from medgen_jax.eval import features as feature_metrics
 from medgen_jax.eval import inception
@@ -217,7 +218,9 @@ def sample_set(method, state: PyTree, config: ml_collections.ConfigDict,
   """
   fn = _jitted_sample(method)
   chunks = []
-  for i in range(-(-num // batch_size)):
+  num_batches = -(-num // batch_size)
+  for i in runtime.progress(range(num_batches), num_batches,
+                            desc="eval samples", leave=False):
     cond = None
     if labels is not None:
       part = labels[i * batch_size:(i + 1) * batch_size]
@@ -245,11 +248,11 @@ def _conditional_labels(config, fields, real: RealData) -> Optional[np.ndarray]:
 
 def _sampling_card(config, fields, num: int) -> Dict[str, Any]:
   s = config.sample
-  return dict(num=num, seed=fields.seed, labels=(
-      fields.labels if config.data.cond == "label" else "unconditional"),
-              params="EMA parameters when the method keeps them",
-              sampler={k: s[k] for k in ("sampler", "steps", "eta",
-                                         "guidance_scale") if k in s})
+  labels = fields.labels if config.data.cond == "label" else "unconditional"
+  sampler = {k: s[k] for k in ("sampler", "steps", "eta", "guidance_scale")
+             if k in s}
+  return dict(num=num, seed=fields.seed, labels=labels, sampler=sampler,
+              params="EMA parameters when the method keeps them")
 
 
 # ----------------------------------------------------------- generative ----
@@ -583,6 +586,7 @@ def _loss(config, name, fields, workdir, real: RealData) -> EvalFn:
 
 
 def _loss_errors(config, prefix: str, f) -> List[str]:
+  del config
   errors: List[str] = []
   _min_int(errors, f"{prefix}.num_batches", f.num_batches, 1)
   _min_int(errors, f"{prefix}.batch_size", f.batch_size, 0)
@@ -592,7 +596,6 @@ def _loss_errors(config, prefix: str, f) -> List[str]:
                   "('ema', 'raw')")
   if not isinstance(f.split, str):
     errors.append(f"{prefix}.split={f.split!r} must be a split name")
-  del config
   return errors
 
 
