@@ -12,7 +12,9 @@ backward pass)::
   print(profiling.format_table(rows))
 
 Times are summed over threads: concurrently running thunks both count, so
-the total can exceed the step's wall time; shares are of that total.
+the total can exceed the step's wall time; shares are of that total. An op
+that XLA runs asynchronously on its intra-op pool (large dots) is traced
+only while it is dispatched; its work shows up as waiting in later ops.
 """
 
 import collections
