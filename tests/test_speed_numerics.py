@@ -192,3 +192,12 @@ def test_use_huge_pages_is_a_no_op_when_set_or_disabled(monkeypatch):
     assert env["GLIBC_TUNABLES"] == (
         "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
     assert argv[0]
+
+
+def test_mfu_peaks_follow_the_compute_dtype():
+  from medgen_jax import bench  # pylint: disable=import-outside-toplevel
+  assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+  # float32 runs on TF32 tensor cores under JAX's default precision.
+  assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 495.0
+  assert bench.peak_tflops("TPU v5 lite", "float32") == 197.0
+  assert bench.peak_tflops("cpu", "float32") == 0.0
