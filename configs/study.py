@@ -48,55 +48,75 @@ def _task(kind: str, inputs, target, num_classes: int, steps: int,
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, res=32, seeds=3, fractions="0.1+0.25+1",
+  a = common.parse_arg(arg, res=32, seeds=0, fractions="",
                        tasks="classification+segmentation", gen_steps=0,
                        task_steps=0, generator_data="full", runlocal=False)
+  # Two sizes: the CPU default (res <= 32) must finish in ~15 min on two
+  # cores; res >= 64 is the full study for GPUs/TPUs.
+  big = a.res >= 64
   contrasts = ("t1w", "t2w", "flair")
   c = ml_collections.ConfigDict()
   c.kind = "study"
   c.seed = 0
   c.data = common.data_config(res=a.res, contrasts=contrasts)
-  c.data.eval_split = "test"
 
   # --- generators: any method config; the study sets their data section.
   gen = ddpm.get_config(f"res={a.res}")
-  gen.data = common.data_config(res=a.res, contrasts=contrasts, cond="label")
+  gen.data = common.data_config(res=a.res, contrasts=contrasts, cond="label",
+                                batch_size=64 if big else 16)
   gen.data.mask_channels = ("lesion_mask",)
-  gen.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                   attn_resolutions=(), num_groups=8)
-  gen.optim.update(lr=1e-3, warmup_steps=50, schedule="cosine",
-                   final_lr_frac=0.1)
-  gen.train.update(num_steps=a.gen_steps or 1200, sample_every=0,
-                   ckpt_every=200, log_every=50, ema=0.995, ema_warmup=50)
-  gen.sample.update(steps=25, guidance_scale=1.0, batch_size=128)
+  if big:
+    gen.model.update(num_groups=32)
+    gen.train.update(num_steps=a.gen_steps or 40_000, sample_every=5_000,
+                     ckpt_every=1_000)
+  else:
+    gen.model.update(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
+                     attn_resolutions=(), num_groups=8)
+    gen.optim.update(lr=1e-3, warmup_steps=50, schedule="cosine",
+                     final_lr_frac=0.1)
+    gen.train.update(num_steps=a.gen_steps or 1200, sample_every=0,
+                     ckpt_every=250, log_every=50, ema=0.995, ema_warmup=50)
+  # guidance_scale=0: the plain conditional model (no doubled batch); a
+  # small model's samples do not improve with stronger guidance.
+  gen.sample.update(steps=50 if big else 25,
+                    guidance_scale=1.0 if big else 0.0, batch_size=128)
   c.generators = ml_collections.ConfigDict(dict(ddpm=gen))
 
-  steps = a.task_steps or 300
+  steps = a.task_steps or (2000 if big else 150)
+  fractions = a.fractions or ("0.05+0.1+0.25+1" if big else "0.1+1")
   c.study = ml_collections.ConfigDict(dict(
-      fractions=tuple(float(f) for f in a.fractions.split("+")),
-      num_seeds=a.seeds,
-      arms=("real", "real+classical", "real+synthetic",
-            "real+classical+synthetic", "synthetic"),
+      fractions=tuple(float(f) for f in fractions.split("+")),
+      num_seeds=a.seeds or 3,
+      arms=(("real", "real+classical", "real+synthetic",
+             "real+classical+synthetic", "synthetic") if big or a.runlocal
+            else ("real", "real+classical", "real+synthetic",
+                  "real+classical+synthetic")),
       # Share of every training batch drawn from the synthetic set.
       synthetic_ratio=0.5,
-      synthetic_per_class=256,
+      synthetic_per_class=1000 if big else 128,
       synthetic_seed=1234,
       generator_data=a.generator_data,
       test_split="test",
       export_nifti=False,
       tasks=ml_collections.ConfigDict(),
   ))
+  w = 32 if big else 8
+  batch = 64 if big else 16
   tasks = {
       "classification": _task(
-          "classification", ("flair",), "label", 2, steps, 32, 2e-3,
-          dict(width=16, stage_sizes=(1, 1, 1), num_groups=8)),
+          "classification", ("flair",), "label", 2, steps, batch, 2e-3,
+          dict(width=w, stage_sizes=(2, 2, 2) if big else (1, 1, 1),
+               num_groups=8)),
       "segmentation": _task(
-          "segmentation", ("flair",), "lesion_mask", 2, steps, 32, 2e-3,
-          dict(ch=16, ch_mult=(1, 2, 4), num_groups=8)),
+          "segmentation", ("flair",), "lesion_mask", 2, steps, batch, 2e-3,
+          dict(ch=w, ch_mult=(1, 2, 4), num_groups=8)),
       "translation": _task(
-          "translation", ("t1w",), "t2w", 0, steps, 32, 2e-3,
-          dict(ch=16, ch_mult=(1, 2, 4), num_groups=8)),
+          "translation", ("t1w",), "t2w", 0, steps, batch, 2e-3,
+          dict(ch=w, ch_mult=(1, 2, 4), num_groups=8)),
   }
+  # Translated T2w images are also scored by the lesion Dice of a segmenter
+  # trained on real T2w images (seg_dice; seg_dice_real is its ceiling).
+  tasks["translation"].segmenter_steps = steps
   for name in a.tasks.split("+"):
     if name not in tasks:
       raise ValueError(f"unknown task {name!r}; known: {sorted(tasks)}")
@@ -105,8 +125,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.augment = common.augment_config()
   # The in-domain feature extractor for FID/KID/PR/memorization.
   c.encoder = ml_collections.ConfigDict(dict(
-      width=32, stage_sizes=(1, 1, 1), num_groups=8, num_classes=2,
-      steps=300, steps_per_call=25, batch_size=64, seed=0,
+      width=32 if big else 16, stage_sizes=(1, 1, 1), num_groups=8,
+      num_classes=2, steps=2000 if big else 200, steps_per_call=25,
+      batch_size=64 if big else 32, seed=0,
       conv_lowering="auto",
       optim=dict(name="adamw", lr=2e-3, schedule="cosine", warmup_steps=0,
                  final_lr_frac=0.05, weight_decay=1e-4, b1=0.9, b2=0.999,
@@ -126,9 +147,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                      ema_warmup=2)
     gen.optim.warmup_steps = 2
     gen.sample.update(steps=3, batch_size=16)
-    c.study.update(synthetic_per_class=8, num_seeds=min(a.seeds, 2))
+    c.study.update(synthetic_per_class=8, num_seeds=a.seeds or 2)
     for t in c.study.tasks.values():
       t.update(steps=a.task_steps or 4, steps_per_call=2, batch_size=8)
+      if "segmenter_steps" in t:
+        t.segmenter_steps = 4
       t.model.update(num_groups=4)
       if "width" in t.model:
         t.model.width = 8

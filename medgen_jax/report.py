@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+import matplotlib.ticker  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from medgen_jax import viz  # pylint: disable=wrong-import-position
@@ -39,7 +40,16 @@ METRIC_HELP = {
     "psnr": "peak signal-to-noise ratio in dB (data range 2)",
     "mae": "mean absolute error on the normalised [-1, 1] scale",
     "mae_foreground": "mean absolute error inside the target's non-background",
+    "seg_dice": "lesion Dice of a segmenter trained on real target-contrast "
+                "images, run on the translated images",
+    "seg_dice_real": "the same segmenter's Dice on the real target images "
+                     "(the ceiling for seg_dice)",
 }
+
+
+# Metrics in [0, 1] (SSIM can dip below 0): plots clip their y-axis here.
+BOUNDED = ("auc", "accuracy", "balanced_accuracy", "dice", "dice_per_image",
+           "ssim", "seg_dice", "seg_dice_real")
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -144,6 +154,11 @@ def plot_task(results: List[Dict[str, Any]], task: str, metric: str,
   fractions = sorted({r["fraction"] for r in rows})
   ax.set_xticks(fractions)
   ax.set_xticklabels([f"{f:g}" for f in fractions])
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  if metric in BOUNDED:
+    # Two-seed intervals can reach far outside the metric's range.
+    lo = min(0.0, np.nanmin([r["metrics"][metric]["mean"] for r in rows]))
+    ax.set_ylim(lo - 0.02, 1.02)
   ax.set_xlabel("fraction of real training subjects")
   ax.set_ylabel(metric + ("" if tasks_lib.higher_is_better(metric)
                           else " (lower is better)"))
@@ -278,6 +293,15 @@ def _verdict(results, task: str) -> str:
   return "".join(parts)
 
 
+def _memorized(m: Dict[str, Any]) -> str:
+  """Flagged fraction (pixel space) with the audit's chance rate and p."""
+  if "memorized_fraction" not in m:
+    return "-"
+  pix = m.get("memorization", {}).get("pixels", {})
+  return (f"{fmt(m['memorized_fraction'])} (chance "
+          f"{fmt(pix.get('quantile', np.nan), 2)}, p={pix.get('p_value', np.nan):.2g})")
+
+
 def _generator_blocks(summary) -> List[Block]:
   gm = summary["generator_metrics"]
   blocks: List[Block] = [("h2", "Generators: realism, diversity, "
@@ -304,8 +328,7 @@ def _generator_blocks(summary) -> List[Block]:
                  fmt(m.get("precision")), fmt(m.get("recall")),
                  fmt(m.get("density")), fmt(m.get("coverage")),
                  fmt(m.get("ms_ssim")),
-                 fmt(m.get("memorized_fraction")) if "memorized_fraction" in m
-                 else "-",
+                 _memorized(m),
                  fmt(m.get("label_agreement")) if "label_agreement" in m
                  else "-"])
   blocks.append(("table", (header, rows)))
@@ -316,9 +339,11 @@ def _generator_blocks(summary) -> List[Block]:
       "manifold (coverage of modes); density/coverage: their outlier-robust "
       "versions; MS-SSIM: mean pairwise MS-SSIM among images of the set "
       "(lower = more diverse; compare with the real row); memorized: share "
-      "of synthetic images closer to a training image than almost any real "
-      "held-out image is (a privacy red flag when clearly above the "
-      "audit's false-positive rate); label agreement: share of synthetic "
+      "of synthetic images closer (in pixels) to a training image than all "
+      "but the given quantile ('chance') of real held-out images are; a "
+      "generator that does not copy is flagged at about that rate, and p is "
+      "the binomial test of the excess (a small p is a privacy red flag); "
+      "label agreement: share of synthetic "
       "images whose generated lesion mask agrees with the class they were "
       "sampled for.")))
   for name, m in gm.items():

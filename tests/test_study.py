@@ -147,9 +147,15 @@ def test_mini_study_every_arm_has_numbers(mini_study):
     assert len(r["seed_scores"]) == c.study.num_seeds
     vals = [s[r["primary"]] for s in r["seed_scores"]]
     assert all(np.isfinite(vals)), r
+  results = out["results"]
+  for r in results:
     if r["arm"] != "real":
-      assert np.isfinite(r["delta_vs_real"]["mean"]) if "delta_vs_real" in r \
-          else True
+      assert np.isfinite(r["delta_vs_real"]["mean"]), r
+  for r in rows:
+    if r["task"] == "translation":
+      for s in r["seed_scores"]:
+        assert 0.0 <= s["seg_dice"] <= 1.0
+        assert 0.0 <= s["seg_dice_real"] <= 1.0
   # Subject subsets: half of the training subjects at 0.5.
   half = [r for r in rows if r["fraction"] == 0.5 and r["arm"] == "real"][0]
   full = [r for r in rows if r["fraction"] == 1.0 and r["arm"] == "real"][0]

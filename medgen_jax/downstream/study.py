@@ -253,6 +253,7 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
   results = [done[(t, f, a.name)] for t, f, a in cells
              if (t, f, a.name) in done]
   fitters: Dict[str, fit_lib.Fitter] = {}
+  segmenters: Dict[str, "TargetSegmenter"] = {}
   keys = fit_lib.seed_keys(config.seed, sc.num_seeds)
   size = max([len(s["image"]) for s in synthetic.values()] or [1])
   placeholder = {k: np.zeros((size,) + train[k].shape[1:], train[k].dtype)
@@ -295,6 +296,13 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
         fit_lib.make_arm(arm.synthetic_fraction(sc.synthetic_ratio),
                          arm.classical), keys, desc=desc)
     seed_scores = fit_lib.score_seeds(fitter, states, test)
+    if fitter.task.kind == "translation" and tcfg.get("segmenter_steps", 0):
+      if task_name not in segmenters:
+        segmenters[task_name] = train_target_segmenter(
+            fitter.task, tcfg, config, pools, test)
+      for st, scores in zip(states, seed_scores):
+        scores.update(segmenters[task_name].score_translation(fitter, st,
+                                                              test))
     record = dict(
         task=task_name, kind=tcfg.kind, fraction=fraction, arm=arm.name,
         arm_kind=arm.kind, generator=gen, primary=fitter.task.primary,
@@ -310,6 +318,62 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
       f.write(json.dumps(record, sort_keys=True) + "\n")
     results.append(record)
   return results
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSegmenter:
+  """A lesion segmenter trained on real target-contrast images, used to
+  score translated images by what a downstream model makes of them.
+
+  Attributes:
+    fitter: its (segmentation) fitter.
+    params: trained parameters.
+    real_dice: its pooled Dice on the real test images (the ceiling).
+  """
+
+  fitter: fit_lib.Fitter
+  params: Any
+  real_dice: float
+
+  def score_translation(self, translator: fit_lib.Fitter, state,
+                        test: Arrays) -> Dict[str, float]:
+    """``seg_dice`` on translated test images, ``seg_dice_real`` on real."""
+    fake = fit_lib.predict_all(translator, state.params,
+                               translator.task.x(test))
+    image = np.array(test["image"], copy=True)
+    image[..., translator.task.target] = fake
+    masks = fit_lib.predict_all(self.fitter, self.params,
+                                self.fitter.task.x({"image": image}))
+    seg = tasks_lib.segmentation_scores(masks, test["lesion_mask"], 2)
+    return {"seg_dice": seg["dice"], "seg_dice_real": self.real_dice}
+
+
+def train_target_segmenter(task: tasks_lib.Task,
+                           tcfg: ml_collections.ConfigDict, config,
+                           pools: fit_lib.Pools, test: Arrays
+                           ) -> TargetSegmenter:
+  """Trains a lesion segmenter on the translation target contrast (all real
+  training subjects, one seed) for the translation task's Dice score."""
+  target = config.data.contrasts[task.target]
+  seg_cfg = ml_collections.ConfigDict(dict(
+      kind="segmentation", inputs=(target,), target="lesion_mask",
+      num_classes=2, model=tcfg.model.to_dict(),
+      conv_lowering=tcfg.get("conv_lowering", "auto"),
+      steps=tcfg.segmenter_steps, steps_per_call=tcfg.steps_per_call,
+      batch_size=tcfg.batch_size, optim=tcfg.optim.to_dict()))
+  seg_task = tasks_lib.make_task(f"{task.name}_segmenter", seg_cfg,
+                                 list(config.data.contrasts),
+                                 config.data.spatial_dims)
+  fitter = fit_lib.make_fitter(seg_task, seg_cfg, augment_fn=None)
+  n = int(pools.real["image"].shape[0])
+  full = pools.replace(real_index=jnp.arange(n, dtype=jnp.int32)[None],
+                       real_count=jnp.asarray([n], jnp.int32),
+                       synthetic_count=jnp.asarray(0, jnp.int32))
+  states, _ = fit_lib.fit(fitter, full, fit_lib.make_arm(0.0, False),
+                          fit_lib.seed_keys(config.seed + 1, 1),
+                          desc=f"{target} segmenter")
+  real = fit_lib.score_seeds(fitter, states, test)[0]["dice"]
+  return TargetSegmenter(fitter, states[0].params, real)
 
 
 def paired_deltas(results: List[Dict[str, Any]]) -> None:
