@@ -245,12 +245,12 @@ def fit(fitter: Fitter, pools: Pools, arm: Arm, keys: Sequence[jax.Array],
   return states, np.stack(losses, axis=1)
 
 
-def predict_all(fitter: Fitter, params: Any, x: np.ndarray,
-                chunk: int = 256) -> np.ndarray:
-  """Predictions ``[N, ...]`` on ``x [N, ...]``.
+def map_chunks(fn: Callable[[np.ndarray], jax.Array], x: np.ndarray,
+               chunk: int = 256) -> np.ndarray:
+  """``fn`` over ``x [N, ...]`` in chunks, results concatenated ``[N, ...]``.
 
   The last chunk is zero-padded so every call has the same shape (one
-  compilation for any test-set size).
+  compilation for any data-set size).
   """
   n = len(x)
   chunk = min(chunk, n)
@@ -261,9 +261,14 @@ def predict_all(fitter: Fitter, params: Any, x: np.ndarray,
     if pad:
       part = np.concatenate([part, np.zeros((pad,) + part.shape[1:],
                                             part.dtype)])
-    out = np.asarray(jax.device_get(fitter.predict(params, part)))
-    outs.append(out[:chunk - pad])
+    outs.append(np.asarray(jax.device_get(fn(part)))[:chunk - pad])
   return np.concatenate(outs)
+
+
+def predict_all(fitter: Fitter, params: Any, x: np.ndarray,
+                chunk: int = 256) -> np.ndarray:
+  """Predictions ``[N, ...]`` of ``params`` on ``x [N, ...]``."""
+  return map_chunks(lambda part: fitter.predict(params, part), x, chunk)
 
 
 def score_seeds(fitter: Fitter, states: Sequence[TrainState],

@@ -52,17 +52,8 @@ class Encoder:
 
 def _features(model, params, x: np.ndarray, chunk: int) -> np.ndarray:
   fn = _jitted_features(model)
-  n = len(x)
-  chunk = min(chunk, n)
-  out = []
-  for i in range(0, n, chunk):
-    part = x[i:i + chunk]
-    pad = chunk - len(part)
-    if pad:
-      part = np.concatenate([part, np.zeros((pad,) + part.shape[1:],
-                                            part.dtype)])
-    out.append(np.asarray(fn(params, part))[:chunk - pad])
-  return np.concatenate(out).astype(np.float64)
+  return fit_lib.map_chunks(lambda part: fn(params, part), x,
+                            chunk).astype(np.float64)
 
 
 _FEATURE_FNS: Dict[Any, Any] = {}

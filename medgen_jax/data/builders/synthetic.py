@@ -22,6 +22,8 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from medgen_jax.data import builder_lib
+
 SAMPLES = "samples.npz"
 PROVENANCE = "provenance.json"
 
@@ -129,11 +131,5 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
       mask_keys=tuple(provenance.get("mask_keys", ())),
       shape=tuple(arrays["image"].shape[1:-1]),
       num_classes=int(provenance["num_classes"]))
-  builder = Synthetic(config=cfg, data_dir=os.path.join(path, "tfds"))
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-        file_format=tfds.core.FileFormat.ARRAY_RECORD,
-        download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False,
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  return builder
+  data_dir = os.path.join(path, "tfds")
+  return builder_lib.build(Synthetic(config=cfg, data_dir=data_dir), data_dir)
