@@ -277,3 +277,24 @@ def format_table(rows: Sequence[Row], wall_s: float = 0.0) -> str:
   if wall_s:
     lines.append(f"  {'wall time of the step':<26}{wall_s * 1e3:10.1f}")
   return "\n".join(lines)
+
+
+# Dense peak TFLOP/s per device by (device_kind substring, dtype). With JAX's
+# default matmul precision, float32 convolutions and dots run on TF32 tensor
+# cores on A100/H100/H200 and as one bf16 pass on TPUs, so those are the
+# float32 peaks (--peak_tflops overrides, e.g. under "highest" precision).
+PEAK_TFLOPS = {
+    ("H100", "bfloat16"): 989.0, ("H100", "float32"): 495.0,
+    ("H200", "bfloat16"): 989.0, ("H200", "float32"): 495.0,
+    ("A100", "bfloat16"): 312.0, ("A100", "float32"): 156.0,
+    ("TPU v4", "bfloat16"): 275.0, ("TPU v4", "float32"): 275.0,
+    ("TPU v5 lite", "bfloat16"): 197.0, ("TPU v5 lite", "float32"): 197.0,
+    ("TPU v5p", "bfloat16"): 459.0, ("TPU v5p", "float32"): 459.0,
+}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float:
+  for (kind, dt), value in PEAK_TFLOPS.items():
+    if kind in device_kind and dt == dtype:
+      return value
+  return 0.0
