@@ -74,7 +74,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                      attn_resolutions=(), num_groups=8)
     gen.optim.update(lr=1e-3, warmup_steps=50, schedule="cosine",
                      final_lr_frac=0.1)
-    gen.train.update(num_steps=a.gen_steps or 1000, sample_every=0,
+    gen.train.update(num_steps=a.gen_steps or 1500, sample_every=0,
                      ckpt_every=250, log_every=50, ema=0.995, ema_warmup=50)
   # guidance_scale=0: the plain conditional model (no doubled batch); a
   # small model's samples do not improve with stronger guidance.
@@ -82,7 +82,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     guidance_scale=1.0 if big else 0.0, batch_size=128)
   c.generators = ml_collections.ConfigDict(dict(ddpm=gen))
 
-  steps = a.task_steps or (2000 if big else 100)
+  steps = a.task_steps or (2000 if big else 200)
   fractions = a.fractions or ("0.05+0.1+0.25+1" if big else "0.1+1")
   c.study = ml_collections.ConfigDict(dict(
       fractions=tuple(float(f) for f in fractions.split("+")),
