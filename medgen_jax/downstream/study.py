@@ -19,7 +19,6 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
