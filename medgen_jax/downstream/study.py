@@ -104,17 +104,20 @@ def load_real(data_cfg: ml_collections.ConfigDict, splits: Sequence[str]
   return out, stats
 
 
+# Keys of a generator's data section that the study's data section does not
+# override.
+GENERATOR_DATA_KEYS = ("cond", "mask_channels", "batch_size")
+
+
 def generator_config(study_cfg: ml_collections.ConfigDict, name: str,
                      fraction: Optional[float]) -> ml_collections.ConfigDict:
   """The generator's config; ``fraction`` restricts its training subjects."""
   gen = copy.deepcopy(study_cfg.generators[name])
-  d = study_cfg.data
-  # The generator must see the study's data set and channels.
-  gen.data.update(dataset=d.dataset, data_dir=d.data_dir, res=d.res,
-                  spatial_dims=d.spatial_dims, contrasts=tuple(d.contrasts))
-  for key in ("num_subjects", "snr", "phantom_seed"):
-    if key in d and key in gen.data:
-      gen.data[key] = d[key]
+  # The generator sees the study's data section (any data set), keeping
+  # only what is its own: conditioning, mask channels and batch size.
+  own = {k: gen.data[k] for k in GENERATOR_DATA_KEYS if k in gen.data}
+  gen.data = copy.deepcopy(study_cfg.data)
+  gen.data.update(own)
   if fraction is not None and fraction < 1.0:
     gen.data.subject_fraction = fraction
     gen.data.subject_seed = 0
