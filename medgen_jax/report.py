@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import matplotlib.ticker  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from medgen_jax import jsonl  # pylint: disable=wrong-import-position
 from medgen_jax import viz  # pylint: disable=wrong-import-position
 from medgen_jax.downstream import tasks as tasks_lib  # pylint: disable=wrong-import-position
 
@@ -464,7 +465,5 @@ def summary_table(results: List[Dict[str, Any]]) -> str:
 
 def load_results(workdir: str) -> List[Dict[str, Any]]:
   """The study's ``results.jsonl`` as a list (for notebooks)."""
-  path = os.path.join(workdir, "results.jsonl")
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
+  return jsonl.read(os.path.join(workdir, "results.jsonl"))
 

@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 from scipy import stats as scipy_stats
 
+from medgen_jax import jsonl
 from medgen_jax import runtime
 from medgen_jax.data import augment as augment_lib
 from medgen_jax.data import pipeline
@@ -199,16 +200,8 @@ def _gen_for(arm: ArmSpec, fraction: float, config) -> Optional[str]:
 
 
 def _done_cells(path: str) -> Dict[Tuple[str, float, str], Dict[str, Any]]:
-  done = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          r = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a line cut by a kill; that cell reruns.
-        done[(r["task"], r["fraction"], r["arm"])] = r
-  return done
+  """Finished cells of ``results.jsonl``; a line cut by a kill reruns."""
+  return {(r["task"], r["fraction"], r["arm"]): r for r in jsonl.read(path)}
 
 
 def summarize(values: Sequence[float]) -> Dict[str, float]:

@@ -35,6 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from medgen_jax import jsonl
 from medgen_jax import runtime
 from medgen_jax.data import pipeline
 from medgen_jax.eval import features as feature_metrics
@@ -764,21 +765,8 @@ def _replace_jsonl(path: str, record: Dict[str, Any]) -> None:
   """Appends ``record``, dropping an older line of the same step and split
   (an evaluation repeated at one checkpoint replaces the old numbers)."""
   key = (record["step"], record["split"])
-  kept = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          old = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a line cut by a kill mid-write.
-        if (old.get("step"), old.get("split")) != key:
-          kept.append(line if line.endswith("\n") else line + "\n")
-  kept.append(json.dumps(record, sort_keys=True) + "\n")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  jsonl.rewrite(path, lambda old: (old.get("step"), old.get("split")) != key,
+                append=record)
 
 
 def record_path(workdir: str, name: str, step: int) -> str:

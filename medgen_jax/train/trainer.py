@@ -21,6 +21,7 @@ from absl import logging
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
+from medgen_jax import jsonl
 from medgen_jax import runtime
 from medgen_jax import viz
 from medgen_jax.data import pipeline
@@ -112,21 +113,8 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
   Those steps are re-run (deterministically) after resuming, so keeping them
   would show every such step twice.
   """
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [l for l in f if l.strip()]
-  kept = []
-  for l in lines:
-    try:
-      if json.loads(l).get("step", 0) <= last_step:
-        kept.append(l)
-    except json.JSONDecodeError:
-      pass  # a line cut by SIGKILL mid-write.
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  if os.path.exists(path):
+    jsonl.rewrite(path, lambda r: r.get("step", 0) <= last_step)
 
 
 def _append_jsonl(path: str, record: Dict[str, Any]) -> None:

@@ -1,0 +1,42 @@
+"""JSON-lines files (``metrics.jsonl``, ``results.jsonl``) that survive kills.
+
+A process killed mid-write leaves a cut last line; readers skip such lines
+and rewrites go through a temporary file, so a file is never half-rewritten.
+"""
+
+import json
+import os
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+Record = Dict[str, Any]
+
+
+def _lines(path: str) -> Iterator[Tuple[str, Record]]:
+  """``(raw line, record)`` pairs of ``path``, skipping cut or empty lines."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    for line in f:
+      try:
+        yield line, json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut by a kill mid-write.
+
+
+def read(path: str) -> List[Record]:
+  """Every complete record of ``path`` (none if it does not exist)."""
+  return [record for _, record in _lines(path)]
+
+
+def rewrite(path: str, keep: Callable[[Record], bool],
+            append: Optional[Record] = None) -> None:
+  """Keeps the lines whose record passes ``keep`` (verbatim), then adds
+  ``append``; atomically."""
+  kept = [line if line.endswith("\n") else line + "\n"
+          for line, record in _lines(path) if keep(record)]
+  if append is not None:
+    kept.append(json.dumps(append, sort_keys=True) + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
