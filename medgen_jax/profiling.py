@@ -13,8 +13,9 @@ backward pass)::
 
 Times are summed over threads: concurrently running thunks both count, so
 the total can exceed the step's wall time; shares are of that total. An op
-that XLA runs asynchronously on its intra-op pool (large dots) is traced
-only while it is dispatched; its work shows up as waiting in later ops.
+that XLA runs asynchronously on its intra-op pool (Eigen convolutions, large
+dots) is timed from its dispatch to the ``end:`` event its last worker
+records.
 """
 
 import collections
@@ -204,14 +205,31 @@ def trace_op_seconds(fn: Callable[[], object],
     data = jax.profiler.ProfileData.from_file(files[0])
   finally:
     shutil.rmtree(log_dir, ignore_errors=True)
-  totals: Dict[str, float] = collections.defaultdict(float)
+  starts: Dict[str, List[Tuple[int, int]]] = collections.defaultdict(list)
+  ends: Dict[str, List[int]] = collections.defaultdict(list)
   for plane in data.planes:
     for line in plane.lines:
       for event in line.events:
-        stats = dict(event.stats)
-        if "hlo_op" in stats and not event.name.startswith("end: "):
-          totals[str(stats["hlo_op"])] += event.duration_ns * 1e-9 / repeats
-  return dict(totals)
+        if event.name.startswith("end: "):
+          ends[event.name[5:]].append(event.start_ns)
+        elif "hlo_op" in dict(event.stats):
+          starts[str(dict(event.stats)["hlo_op"])].append(
+              (event.start_ns, event.duration_ns))
+  totals: Dict[str, float] = {}
+  for name, events in starts.items():
+    done = sorted(ends.get(name, ()))
+    total = 0.0
+    for start, duration in sorted(events):
+      # An asynchronous thunk's event covers only its dispatch; it runs
+      # until the first "end:" event after its start.
+      later = [e for e in done if e >= start]
+      if later and later[0] - start > duration:
+        total += later[0] - start
+        done.remove(later[0])
+      else:
+        total += duration
+    totals[name] = total * 1e-9 / repeats
+  return totals
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 import logging
 import os
+import re
+from typing import Optional, Tuple
 
 import jax
 import ml_collections
@@ -17,10 +19,45 @@ XLA_CPU_FLAGS = (
     # in every step (~10 us each on the 2-core VMs we measure on).
     "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
 )
+# jaxlib 0.10 hands every convolution to YNNPACK by default, which at
+# medical-image sizes (8-64 px, 16-192 channels) runs 2x slower than XLA's
+# Eigen convolutions (forward and input gradient) and 3x slower for kernel
+# gradients. Keeping YNNPACK for matrix products and reductions only makes
+# the ref6m U-Net train step 1.25x and sampling 1.5x faster
+# (experiments/benchmarks/compare.py). The flag is experimental: it is set
+# only for jaxlib versions it was measured on, because XLA aborts on an
+# unknown flag.
+YNN_FLAG = ("--xla_cpu_experimental_ynn_fusion_type="
+            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE")
+YNN_FLAG_JAXLIB = ("0.10.",)
 
 
-def set_xla_cpu_flags(flags=XLA_CPU_FLAGS) -> str:
-  """Adds ``flags`` to ``$XLA_FLAGS`` unless the user set them; returns it."""
+def default_xla_cpu_flags() -> Tuple[str, ...]:
+  """``XLA_CPU_FLAGS`` plus the YNNPACK fusion flag where jaxlib has it."""
+  import jaxlib.version  # pylint: disable=import-outside-toplevel
+  if jaxlib.version.__version__.startswith(YNN_FLAG_JAXLIB):
+    return XLA_CPU_FLAGS + (YNN_FLAG,)
+  return XLA_CPU_FLAGS
+
+
+def cpu_convolutions_are_xla(xla_flags: Optional[str] = None) -> bool:
+  """Whether XLA:CPU runs convolutions itself rather than through YNNPACK.
+
+  True when ``$XLA_FLAGS`` (or ``xla_flags``) lists YNNPACK fusion types
+  without ``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``, as
+  ``default_xla_cpu_flags()`` does.
+  """
+  if xla_flags is None:
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+  m = re.search(r"--xla_cpu_experimental_ynn_fusion_type=(\S*)", xla_flags)
+  return m is not None and "CONVOLUTION" not in m.group(1)
+
+
+def set_xla_cpu_flags(flags: Optional[Tuple[str, ...]] = None) -> str:
+  """Adds ``flags`` (default: ``default_xla_cpu_flags()``) to ``$XLA_FLAGS``
+  unless the user set them; returns the new value."""
+  if flags is None:
+    flags = default_xla_cpu_flags()
   current = os.environ.get("XLA_FLAGS", "")
   given = {f.split("=")[0] for f in current.split()}
   extra = [f for f in flags if f.split("=")[0] not in given]

@@ -11,6 +11,8 @@ if ROOT not in sys.path:
 
 from medgen_jax import runtime  # pylint: disable=wrong-import-position
 
+# The XLA:CPU flags launch.py sets, so tests run the same programs.
+runtime.set_xla_cpu_flags()
 runtime.enable_compilation_cache()
 
 

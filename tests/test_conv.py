@@ -56,11 +56,21 @@ def test_unknown_lowering():
     conv.conv(x, jnp.ones((3, 3, 1, 1)), 1, ((1, 1), (1, 1)), "winograd")
 
 
-def test_auto_is_gemm_on_cpu_and_same_values():
+@pytest.mark.parametrize("xla_flags,want_gemm", [
+    ("", True),  # jaxlib's default: convolutions through YNNPACK
+    ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_"
+     "DOT,LIBRARY_FUSION_TYPE_REDUCE", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_"
+     "CONVOLUTION", True),
+])
+def test_auto_follows_cpu_convolution_library(monkeypatch, xla_flags,
+                                              want_gemm):
+  monkeypatch.setenv("XLA_FLAGS", xla_flags)
   x = jax.random.normal(jax.random.key(3), (2, 8, 8, 2))
   k = jax.random.normal(jax.random.key(4), (3, 3, 2, 3))
   pad = ((1, 1), (1, 1))
   jaxpr = str(jax.make_jaxpr(lambda x: conv.conv(x, k, 1, pad, "auto"))(x))
-  assert ("custom_vjp_call" in jaxpr) == (jax.default_backend() == "cpu")
+  cpu = jax.default_backend() == "cpu"
+  assert ("custom_vjp_call" in jaxpr) == (cpu and want_gemm)
   np.testing.assert_allclose(conv.conv(x, k, 1, pad, "auto"),
                              conv.conv(x, k, 1, pad, "xla"), rtol=1e-5)

@@ -1,11 +1,13 @@
 """Convolution lowerings, selectable in one place.
 
-XLA:CPU computes a convolution's kernel (weight) gradient with a generic
-backward-filter convolution that runs 5-10x below the machine's matmul speed
-at medical-image sizes (32-128 px). Writing that gradient as ``prod(k)``
-matrix products ``patch^T @ grad_out`` (one per kernel offset) gives XLA
-plain GEMMs, which it runs fast on every backend. The forward pass and the
-input gradient keep XLA's own convolution.
+``"xla"`` is XLA's own convolution. ``"gemm"`` keeps it for the forward pass
+and the input gradient but computes the kernel (weight) gradient as matrix
+products of shifted rows: when XLA:CPU hands convolutions to YNNPACK (the
+default of jaxlib 0.10), its backward-filter convolution runs 5-10x below
+the machine's matmul speed at medical-image sizes, and the GEMMs are 2-3x
+faster. With the project's XLA:CPU flags (:mod:`medgen_jax.runtime`), XLA's
+Eigen convolutions are used instead, which match PyTorch's oneDNN kernels
+there, and ``"xla"`` is the fastest again; ``"auto"`` picks accordingly.
 """
 
 import functools
@@ -15,6 +17,8 @@ from typing import Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from medgen_jax import runtime
 
 Padding = Tuple[Tuple[int, int], ...]
 LOWERINGS = ("auto", "xla", "gemm")
@@ -139,11 +143,14 @@ def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,
          lowering: str = "xla") -> jax.Array:
   """Dispatches to a lowering by name (see ``LOWERINGS``).
 
-  ``"auto"`` takes ``"gemm"`` on CPU and XLA's own convolution elsewhere
-  (cuDNN and the TPU compiler already have fast kernel gradients).
+  ``"auto"`` takes ``"gemm"`` on a CPU whose convolutions go through
+  YNNPACK and XLA's own convolution everywhere else (Eigen on CPU with the
+  project's flags, cuDNN, the TPU compiler).
   """
   if lowering == "auto":
-    lowering = "gemm" if jax.default_backend() == "cpu" else "xla"
+    ynn_cpu = (jax.default_backend() == "cpu" and
+               not runtime.cpu_convolutions_are_xla())
+    lowering = "gemm" if ynn_cpu else "xla"
   if lowering == "gemm":
     return gemm_conv(x, kernel, strides, tuple(map(tuple, padding)))
   if lowering == "xla":
