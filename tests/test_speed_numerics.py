@@ -170,8 +170,10 @@ def test_xla_cpu_flags_keep_user_choice(monkeypatch):
   assert "MEMORY_OPTIMIZED" not in out and "--foo=1" in out
   monkeypatch.setenv("XLA_FLAGS", "--foo=1")
   out = runtime.set_xla_cpu_flags()
-  assert out.split() == [*runtime.XLA_CPU_FLAGS, "--foo=1"]
+  assert out.split() == [*runtime.default_xla_cpu_flags(), "--foo=1"]
   assert os.environ["XLA_FLAGS"] == out
+  assert runtime.cpu_convolutions_are_xla(out) == (
+      runtime.YNN_FLAG in runtime.default_xla_cpu_flags())
 
 
 def test_use_huge_pages_is_a_no_op_when_set_or_disabled(monkeypatch):
