@@ -52,9 +52,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       num_groups=8,
       # Compute dtype; parameters and optimizer state stay float32.
       dtype="float32",
-      # How convolutions are computed: "xla", "gemm" (kernel gradients as
-      # matrix products: 2-3x faster training on CPUs, same numbers) or
-      # "auto" (gemm on CPU, xla on GPU/TPU).
+      # How convolutions are computed: "xla", "explicit" (gradients as
+      # canonical forward convolutions, which XLA:CPU runs fast also inside
+      # loops; same numbers) or "auto" (explicit on CPU, xla on GPU/TPU).
       conv_lowering="auto",
   ))
   if a.arch == "ref6m":

@@ -111,6 +111,14 @@ def method_errors(config: ml_collections.ConfigDict,
   for k in ("num_steps", "log_every", "ckpt_every", "keep_ckpts"):
     _positive(errors, f"train.{k}", t[k])
   _positive(errors, "train.sample_every", t.sample_every, allow_zero=True)
+  mb = t.get("microbatches", 0)
+  if not isinstance(mb, int) or mb < 0:
+    errors.append(f"train.microbatches={mb!r} must be an int >= 0 (0: auto)")
+  elif (mb and isinstance(d.batch_size, int) and
+        (d.batch_size // max(num_devices, 1)) % mb):
+    errors.append(f"train.microbatches={mb} must divide the per-device batch "
+                  f"(data.batch_size={d.batch_size} over {num_devices} "
+                  "devices)")
   if not 0.0 <= t.ema < 1.0:
     errors.append(f"train.ema={t.ema} must be in [0, 1)")
   errors += eval_registry.config_errors(config)

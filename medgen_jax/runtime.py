@@ -2,7 +2,6 @@
 
 import logging
 import os
-import re
 from typing import Optional, Tuple
 
 import jax
@@ -38,19 +37,6 @@ def default_xla_cpu_flags() -> Tuple[str, ...]:
   if jaxlib.version.__version__.startswith(YNN_FLAG_JAXLIB):
     return XLA_CPU_FLAGS + (YNN_FLAG,)
   return XLA_CPU_FLAGS
-
-
-def cpu_convolutions_are_xla(xla_flags: Optional[str] = None) -> bool:
-  """Whether XLA:CPU runs convolutions itself rather than through YNNPACK.
-
-  True when ``$XLA_FLAGS`` (or ``xla_flags``) lists YNNPACK fusion types
-  without ``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``, as
-  ``default_xla_cpu_flags()`` does.
-  """
-  if xla_flags is None:
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-  m = re.search(r"--xla_cpu_experimental_ynn_fusion_type=(\S*)", xla_flags)
-  return m is not None and "CONVOLUTION" not in m.group(1)
 
 
 def set_xla_cpu_flags(flags: Optional[Tuple[str, ...]] = None) -> str:

@@ -1,5 +1,6 @@
-"""The speed-oriented formulations keep the numbers: GroupNorm, kernel
-gradients over shifted rows, the per-op profiler, the XLA:CPU flags."""
+"""The speed-oriented formulations keep the numbers: GroupNorm(+SiLU) with
+its hand-written gradient, explicit convolution gradients, the per-op
+profiler, the XLA:CPU flags."""
 
 import os
 
@@ -15,35 +16,41 @@ from medgen_jax.nn import conv
 from medgen_jax.nn import layers
 
 
-def _gn_loss(module):
+def _gn_loss(apply):
   def loss(params, x):
-    y = module.apply({"params": params}, x).astype(jnp.float32)
+    y = apply(params, x).astype(jnp.float32)
     return jnp.sum(jnp.sin(y) * x.astype(jnp.float32))  # non-trivial cotangent
   return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-@pytest.mark.parametrize("shape,groups", [((2, 6, 6, 8), 4),
-                                          ((2, 4, 4, 4, 6), 3)])
-def test_group_norm_matches_flax(shape, groups):
+@pytest.mark.parametrize("shape,groups,silu", [((2, 6, 6, 8), 4, False),
+                                               ((2, 6, 6, 8), 4, True),
+                                               ((2, 4, 4, 4, 6), 3, False),
+                                               ((2, 4, 4, 4, 6), 3, True)])
+def test_group_norm_matches_flax(shape, groups, silu):
   rng = np.random.default_rng(0)
   # Offset and scaled input: the one-pass variance must still be exact.
   x = jnp.asarray(rng.normal(3.0, 2.0, size=shape), jnp.float32)
   c = shape[-1]
   params = {"scale": jnp.asarray(rng.normal(1.0, 0.3, size=c), jnp.float32),
             "bias": jnp.asarray(rng.normal(0.0, 0.3, size=c), jnp.float32)}
-  ours = layers.group_norm(c, groups)
+  ours = layers.group_norm(c, groups, silu=silu)
   ref = nn.GroupNorm(num_groups=groups, epsilon=1e-5)
   assert (jax.tree.map(jnp.shape, jax.eval_shape(ours.init, jax.random.key(0),
                                                  x)) ==
           jax.tree.map(jnp.shape, jax.eval_shape(ref.init, jax.random.key(0),
                                                  x)))
-  (va, (dpa, dxa)) = jax.jit(_gn_loss(ours))(params, x)
-  (vb, (dpb, dxb)) = jax.jit(_gn_loss(ref))(params, x)
+  act = nn.silu if silu else (lambda y: y)
+  (va, (dpa, dxa)) = jax.jit(_gn_loss(
+      lambda p, x: ours.apply({"params": p}, x)))(params, x)
+  (vb, (dpb, dxb)) = jax.jit(_gn_loss(
+      lambda p, x: act(ref.apply({"params": p}, x))))(params, x)
   np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(dxa, dxb, rtol=1e-4, atol=1e-4)
   for k in ("scale", "bias"):
     np.testing.assert_allclose(dpa[k], dpb[k], rtol=1e-4, atol=1e-4)
   assert float(jnp.abs(dxa).max()) > 0.1  # the comparison is not vacuous
+  assert float(jnp.abs(dpa["scale"]).max()) > 0.1
 
 
 def test_group_norm_bf16_output_and_float32_stats():
@@ -65,19 +72,25 @@ def test_group_norm_bf16_output_and_float32_stats():
     ((1, 4, 5, 3, 2), 3, ((1, 1), (1, 1), (1, 1))),
     ((3, 9, 2), 5, ((2, 2),)),                 # 1D
 ])
-def test_kernel_grad_rows_matches_xla(shape, ksize, padding):
+@pytest.mark.parametrize("strides", [1, 2])
+def test_explicit_gradients_match_xla(shape, ksize, padding, strides):
   n = len(shape) - 2
-  kx, kg = jax.random.split(jax.random.key(1))
+  kx, kk, kg = jax.random.split(jax.random.key(1), 3)
   x = jax.random.normal(kx, shape)
   kshape = (ksize,) * n + (shape[-1], 4)
-  k = jnp.zeros(kshape)
-  y, vjp = jax.vjp(lambda k_: conv.xla_conv(x, k_, 1, padding), k)
+  k = jax.random.normal(kk, kshape)
+  y, vjp = jax.vjp(lambda x_, k_: conv.xla_conv(x_, k_, strides, padding),
+                   x, k)
   g = jax.random.normal(kg, y.shape)
-  (ref,) = vjp(g)
-  got = jax.jit(conv.kernel_grad_rows, static_argnums=(2, 3))(
-      x, g, kshape, padding)
-  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-  assert float(jnp.abs(ref).max()) > 0.5
+  ref_dx, ref_dk = vjp(g)
+  dk = jax.jit(conv.kernel_grad, static_argnums=(2, 3, 4))(
+      x, g, kshape, strides, padding)
+  dx = jax.jit(conv.input_grad, static_argnums=(2, 3, 4))(
+      g, k, x.shape, strides, padding)
+  np.testing.assert_allclose(dk, ref_dk, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(ref_dk).max()) > 0.5
+  assert float(jnp.abs(ref_dx).max()) > 0.5
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +99,7 @@ def tiny_profile():
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
-      h = layers.Conv(8, conv_lowering="gemm")(x)
+      h = layers.Conv(8, conv_lowering="explicit")(x)
       h = nn.silu(layers.group_norm(8, 4)(h))
       return layers.Conv(2, conv_lowering="xla")(h)
 
@@ -113,8 +126,8 @@ def test_profile_finds_every_kind_of_op(tiny_profile):
   assert all(r.category in profiling.CATEGORIES for r in rows)
   assert abs(sum(r.share for r in rows) - 1.0) < 1e-6
   assert all(r.seconds >= 0 and r.count > 0 for r in rows)
-  # Both kernel-gradient lowerings are recognised: the "xla" conv's
-  # backward-filter convolution and the "gemm" conv's matrix product.
+  # Both lowerings' kernel gradients are recognised: the "xla" conv's
+  # transposed convolution and the "explicit" conv's canonical one.
   kinds = {ops[n].opcode for n in secs if n in ops and
            profiling.categorize(ops[n]) == "conv kernel-grad"}
   assert kinds, "no kernel-gradient op was traced"
@@ -172,8 +185,6 @@ def test_xla_cpu_flags_keep_user_choice(monkeypatch):
   out = runtime.set_xla_cpu_flags()
   assert out.split() == [*runtime.default_xla_cpu_flags(), "--foo=1"]
   assert os.environ["XLA_FLAGS"] == out
-  assert runtime.cpu_convolutions_are_xla(out) == (
-      runtime.YNN_FLAG in runtime.default_xla_cpu_flags())
 
 
 def test_use_huge_pages_is_a_no_op_when_set_or_disabled(monkeypatch):

@@ -17,6 +17,7 @@ from medgen_jax.diffusion import samplers
 from medgen_jax.diffusion import schedules
 from medgen_jax.methods.base import Batch, Metrics
 from medgen_jax.nn.unet import UNet
+from medgen_jax.train import microbatch
 from medgen_jax.train.optim import make_optimizer
 from medgen_jax.train.state import TrainState, apply_gradients, create_state
 
@@ -32,6 +33,8 @@ class DDPM:
     model: the :class:`UNet`.
     schedule: the diffusion constants.
     tx: the optimizer.
+    microbatches: slices of the batch each train step's gradient is
+      accumulated over (``train.microbatches``, resolved).
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
@@ -53,6 +56,9 @@ class DDPM:
     self.schedule = schedules.make_schedule(config.method.schedule,
                                             config.method.timesteps)
     self.tx = make_optimizer(config.optim, config.train.num_steps)
+    self.microbatches = microbatch.resolve(
+        int(config.train.get("microbatches", 1)), int(config.data.batch_size),
+        jax.device_count(), jax.default_backend())
 
   @property
   def conditional(self) -> bool:
@@ -66,6 +72,41 @@ class DDPM:
     params = self.model.init({"params": rng}, x, t, y, train=False)["params"]
     return create_state(params, self.tx, use_ema=self.config.train.ema > 0)
 
+  def draw(self, rng: jax.Array, batch: Batch) -> Batch:
+    """The loss's randomness for a whole batch, per example: ``t [B]``,
+    ``noise`` like the images, the (possibly dropped) labels ``y [B]`` and
+    dropout keys ``[B]`` (a microbatch uses its first).
+
+    Drawn once per batch, so a step split into microbatches sees the same
+    noise as an unsplit one.
+    """
+    x0 = batch["image"]
+    t_key, noise_key, label_key, dropout_key = jax.random.split(rng, 4)
+    draws = {
+        "t": jax.random.randint(t_key, x0.shape[:1], 0,
+                                self.schedule.num_timesteps),
+        "noise": jax.random.normal(noise_key, x0.shape, jnp.float32),
+        # One key per example, so every microbatch has its own.
+        "dropout": jax.random.split(dropout_key, x0.shape[0]),
+    }
+    if self.conditional:
+      draws["y"] = samplers.drop_labels(label_key, batch["label"],
+                                        self.config.method.p_uncond,
+                                        self.num_classes)
+    return draws
+
+  def loss_given(self, params, batch: Batch, draws: Batch,
+                 train: bool = True) -> jax.Array:
+    """Mean squared error of the ``eps|v`` prediction for given draws."""
+    x0 = batch["image"].astype(jnp.float32)
+    t, noise = draws["t"], draws["noise"]
+    x_t = schedules.q_sample(self.schedule, x0, t, noise)
+    target = schedules.training_target(self.schedule, x0, t, noise,
+                                       self.prediction)
+    out = self.model.apply({"params": params}, x_t, t, draws.get("y"),
+                           train=train, rngs={"dropout": draws["dropout"][0]})
+    return jnp.mean(jnp.square(out - target))
+
   def loss_fn(self, params, batch: Batch, rng: jax.Array,
               train: bool = True) -> jax.Array:
     """Mean squared error of the ``eps|v`` prediction at uniform ``t``.
@@ -73,26 +114,15 @@ class DDPM:
     ``train=False`` turns dropout off (validation loss); label dropout for
     classifier-free guidance is part of the objective and stays.
     """
-    x0 = batch["image"].astype(jnp.float32)
-    t_key, noise_key, label_key, dropout_key = jax.random.split(rng, 4)
-    t = jax.random.randint(t_key, x0.shape[:1], 0,
-                           self.schedule.num_timesteps)
-    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-    x_t = schedules.q_sample(self.schedule, x0, t, noise)
-    target = schedules.training_target(self.schedule, x0, t, noise,
-                                       self.prediction)
-    y = None
-    if self.conditional:
-      y = samplers.drop_labels(label_key, batch["label"],
-                               self.config.method.p_uncond, self.num_classes)
-    out = self.model.apply({"params": params}, x_t, t, y, train=train,
-                           rngs={"dropout": dropout_key})
-    return jnp.mean(jnp.square(out - target))
+    return self.loss_given(params, batch, self.draw(rng, batch), train)
 
   def train_step(self, state: TrainState, batch: Batch,
                  rng: jax.Array) -> Tuple[TrainState, Metrics]:
-    """One optimizer step; pure and jit-able."""
-    loss, grads = jax.value_and_grad(self.loss_fn)(state.params, batch, rng)
+    """One optimizer step over ``self.microbatches`` microbatches; pure and
+    jit-able."""
+    loss, grads = microbatch.mean_value_and_grad(
+        lambda p, xs: self.loss_given(p, *xs), state.params,
+        (batch, self.draw(rng, batch)), self.microbatches)
     grad_norm = optax.tree.norm(grads)
     state = apply_gradients(state, self.tx, grads, ema=self.config.train.ema,
                             ema_warmup=self.config.train.ema_warmup)

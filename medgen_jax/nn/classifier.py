@@ -41,13 +41,15 @@ class BasicBlock(nn.Module):
     conv = functools.partial(layers.Conv, self.out_ch,
                              spatial_dims=self.spatial_dims, dtype=self.dtype,
                              conv_lowering=self.conv_lowering)
-    h = nn.silu(layers.group_norm(x.shape[-1], self.num_groups, self.dtype)(x))
+    h = layers.group_norm(x.shape[-1], self.num_groups, self.dtype,
+                          silu=True)(x)
     skip = x
     if self.strides != 1 or x.shape[-1] != self.out_ch:
       # Projection from the normalised input, as in pre-activation ResNets.
       skip = conv(kernel_size=1, strides=self.strides, use_bias=False)(h)
     h = conv(strides=self.strides)(h)
-    h = nn.silu(layers.group_norm(self.out_ch, self.num_groups, self.dtype)(h))
+    h = layers.group_norm(self.out_ch, self.num_groups, self.dtype,
+                          silu=True)(h)
     h = conv(kernel_init=layers.zero_init)(h)
     return skip.astype(self.dtype) + h
 
@@ -106,7 +108,8 @@ class ResNet(nn.Module):
         strides = 2 if stage > 0 and block == 0 else 1
         h = BasicBlock(self.width * 2**stage, strides, self.num_groups,
                        **kw)(h)
-    h = nn.silu(layers.group_norm(h.shape[-1], self.num_groups, self.dtype)(h))
+    h = layers.group_norm(h.shape[-1], self.num_groups, self.dtype,
+                          silu=True)(h)
     features = jnp.mean(h.astype(jnp.float32),
                         axis=tuple(range(1, 1 + self.spatial_dims)))
     h = nn.Dropout(self.dropout, deterministic=not train)(features)

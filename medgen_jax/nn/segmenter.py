@@ -38,8 +38,8 @@ class ConvBlock(nn.Module):
     for _ in range(2):
       x = layers.Conv(self.out_ch, 3, spatial_dims=self.spatial_dims,
                       dtype=self.dtype, conv_lowering=self.conv_lowering)(x)
-      x = nn.silu(layers.group_norm(self.out_ch, self.num_groups,
-                                    self.dtype)(x))
+      x = layers.group_norm(self.out_ch, self.num_groups, self.dtype,
+                            silu=True)(x)
     return x
 
 

@@ -112,7 +112,8 @@ class UNet(nn.Module):
         h = layers.Upsample(h.shape[-1], **kw)(h)
         side *= 2
 
-    h = nn.silu(layers.group_norm(h.shape[-1], self.num_groups, self.dtype)(h))
+    h = layers.group_norm(h.shape[-1], self.num_groups, self.dtype,
+                          silu=True)(h)
     h = layers.Conv(out_channels, 3, kernel_init=layers.zero_init, **kw)(h)
     return h.astype(jnp.float32)
 

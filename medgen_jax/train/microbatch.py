@@ -1,0 +1,99 @@
+"""Gradients of a batch-mean loss, accumulated over microbatches.
+
+A train step that runs its forward and backward pass on ``n`` slices of the
+batch in a ``lax.scan`` needs ``1/n`` of the activation memory and gives
+the same loss and gradients (up to float summation order) as one pass over
+the whole batch, as long as the loss is a mean over examples and no layer
+mixes examples (GroupNorm does not; BatchNorm would). On CPUs it is also
+faster: a microbatch's activations stay in the caches, and XLA:CPU
+allocates (and page-faults in) 4x less temporary memory per step.
+"""
+
+from typing import Any, Callable, Tuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+# "auto" on CPUs: microbatches of at least this many examples, at most
+# MAX_AUTO of them (the measured sweet spot of the ref6m U-Net at 32x32).
+MIN_AUTO_EXAMPLES = 8
+MAX_AUTO = 4
+
+
+def resolve(requested: int, batch_size: int, num_devices: int,
+            backend: str) -> int:
+  """The number of microbatches to use.
+
+  Args:
+    requested: ``train.microbatches``; ``0`` is "auto": on CPUs, the most
+      (up to ``MAX_AUTO``) that split each device's share of the batch into
+      equal microbatches of at least ``MIN_AUTO_EXAMPLES``; elsewhere 1
+      (accelerators want large batches, and have the memory).
+    batch_size: the global batch size.
+    num_devices: devices the batch is split over.
+    backend: ``jax.default_backend()``.
+
+  Raises:
+    ValueError: ``requested`` does not divide each device's share.
+  """
+  per_device = batch_size // max(num_devices, 1)
+  if requested > 0:
+    if per_device % requested:
+      raise ValueError(
+          f"train.microbatches={requested} must divide the per-device batch "
+          f"(data.batch_size={batch_size} over {num_devices} devices = "
+          f"{per_device})")
+    return requested
+  if backend != "cpu":
+    return 1
+  n = 1
+  for cand in range(2, MAX_AUTO + 1):
+    if per_device % cand == 0 and per_device // cand >= MIN_AUTO_EXAMPLES:
+      n = cand
+  return n
+
+
+def split(inputs: PyTree, n: int) -> PyTree:
+  """``[B, ...]`` leaves -> ``[n, B / n, ...]``; microbatch ``i`` holds
+  examples ``i, i + n, i + 2n, ...``.
+
+  Strided rather than contiguous slices: with the batch sharded over
+  devices along its leading axis, every device keeps its own share of every
+  microbatch, so no data moves between devices.
+  """
+  def one(a):
+    b = a.shape[0]
+    if b % n:
+      raise ValueError(f"batch of {b} not divisible into {n} microbatches")
+    return jnp.swapaxes(a.reshape((b // n, n) + a.shape[1:]), 0, 1)
+  return jax.tree.map(one, inputs)
+
+
+def mean_value_and_grad(loss_fn: Callable[[PyTree, PyTree], jax.Array],
+                        params: PyTree, inputs: PyTree,
+                        n: int) -> Tuple[jax.Array, PyTree]:
+  """Loss and gradients of the batch mean, over ``n`` microbatches.
+
+  Args:
+    loss_fn: ``(params, inputs_i) -> scalar`` mean loss over the examples
+      of microbatch ``inputs_i``.
+    params: differentiated pytree.
+    inputs: pytree of ``[B, ...]`` arrays: the batch and the randomness
+      drawn for it, per example (noise, timesteps, dropout keys), so that
+      the microbatches together see what one pass would.
+    n: microbatches; ``1`` is a plain ``jax.value_and_grad``.
+
+  Returns:
+    ``(mean loss, mean gradients)``.
+  """
+  grad_fn = jax.value_and_grad(loss_fn)
+  if n == 1:
+    return grad_fn(params, inputs)
+
+  def body(acc, part):
+    return jax.tree.map(jnp.add, acc, grad_fn(params, part)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (total, grads), _ = jax.lax.scan(body, zeros, split(inputs, n))
+  return total / n, jax.tree.map(lambda g: g / n, grads)
