@@ -157,7 +157,7 @@ def categorize(op: HloOp) -> str:
     if "AttentionBlock" in op.op_name:
       return "attention"
     if re.search(r"/Conv_\d+/", op.op_name) and backward:
-      return "conv kernel-grad"  # per-offset GEMMs of the "gemm" lowering
+      return "conv kernel-grad"  # 1x1 kernels of the "explicit" lowering
     return "dense (embedding)" if in_model else "optimizer update"
   if op.opcode in _CONTAINERS:
     return "other"

@@ -40,7 +40,7 @@ def conv_nd(x: jax.Array, kernel: jax.Array, strides: int = 1,
     x: ``[B, *spatial, C_in]``.
     kernel: ``[*k, C_in, C_out]`` (flax's ``nn.Conv`` layout).
     strides: the same stride on every spatial axis.
-    lowering: ``"auto"``, ``"xla"`` or ``"gemm"`` (see
+    lowering: ``"auto"``, ``"xla"`` or ``"explicit"`` (see
       :mod:`medgen_jax.nn.conv`).
 
   Returns:
@@ -66,7 +66,7 @@ class Conv(nn.Module):
     param_dtype: parameter dtype.
     kernel_init: initializer of the ``[*k, C_in, C_out]`` kernel.
     conv_lowering: how the convolution is computed (``"auto"``, ``"xla"``
-      or ``"gemm"``); values and parameters are the same either way.
+      or ``"explicit"``); values and parameters are the same either way.
   """
 
   features: int

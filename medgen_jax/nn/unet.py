@@ -33,7 +33,7 @@ class UNet(nn.Module):
       with ``num_classes + 1`` rows, the last (index ``num_classes``) being the
       "null" label used for classifier-free guidance.
     dtype: compute dtype; parameters are float32 and the output is float32.
-    conv_lowering: ``"auto"``, ``"xla"`` or ``"gemm"`` (see
+    conv_lowering: ``"auto"``, ``"xla"`` or ``"explicit"`` (see
       :mod:`medgen_jax.nn.conv`).
   """
 
