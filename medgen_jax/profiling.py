@@ -156,8 +156,13 @@ def categorize(op: HloOp) -> str:
   if "dot" in kinds:
     if "AttentionBlock" in op.op_name:
       return "attention"
-    if re.search(r"/Conv_\d+/", op.op_name) and backward:
-      return "conv kernel-grad"  # 1x1 kernels of the "explicit" lowering
+    if re.search(r"/Conv_\d+/", op.op_name):
+      # XLA runs 1x1 convolutions as matrix products; the "explicit"
+      # lowering writes a 1x1 kernel gradient as this einsum.
+      if not backward:
+        return "conv forward"
+      return ("conv kernel-grad" if "ni,nc->ic" in op.op_name else
+              "conv input-grad")
     return "dense (embedding)" if in_model else "optimizer update"
   if op.opcode in _CONTAINERS:
     return "other"

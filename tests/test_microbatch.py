@@ -21,7 +21,7 @@ def test_auto_splits_cpu_batches_into_microbatches_of_at_least_8():
 
 
 def test_explicit_count_must_divide_the_per_device_batch():
-  with pytest.raises(ValueError, match="must divide the per-device batch"):
+  with pytest.raises(ValueError, match="train.microbatches=3 must divide"):
     microbatch.resolve(3, 32, 1, "cpu")
   c = ddpm_config.get_config("runlocal")
   c.train.microbatches = 3
@@ -51,3 +51,14 @@ def test_mean_value_and_grad_equals_the_full_batch_gradient():
     np.testing.assert_allclose(v, want_v, rtol=1e-6)
     np.testing.assert_allclose(g, want_g, rtol=1e-6)
   assert float(jnp.abs(want_g).max()) > 0.1
+
+
+def test_chunked_forward_equals_one_call():
+  w = jax.random.normal(jax.random.key(2), (3, 4))
+  x = jax.random.normal(jax.random.key(3), (8, 3))
+  t = jnp.arange(8)
+  fn = lambda x, t, y=None: (x @ w) * t[:, None]
+  want = fn(x, t)
+  for n in (1, 2, 4):
+    np.testing.assert_allclose(microbatch.chunked(fn, n)(x, t), want,
+                               rtol=1e-6)

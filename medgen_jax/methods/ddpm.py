@@ -148,8 +148,16 @@ class DDPM:
     s = self.config.sample
     labels = None
 
-    def model_fn(x, t, y=None):
-      return self.model.apply({"params": params}, x, t, y, train=False)
+    # Every network call goes through ``model_fn``; on CPUs it runs in
+    # microbatches (``sample.microbatches``, auto as for training), whose
+    # activations stay in the caches. The guided call doubles the batch.
+    calls = 2 * num if self.conditional and s.guidance_scale != 0 else num
+    n = microbatch.resolve(int(s.get("microbatches", 0)), calls,
+                           jax.device_count(), jax.default_backend(),
+                           key="sample.microbatches")
+    model_fn = microbatch.chunked(
+        lambda x, t, y=None: self.model.apply({"params": params}, x, t, y,
+                                              train=False), n)
 
     if self.conditional:
       if cond is None:

@@ -1,4 +1,5 @@
-"""Gradients of a batch-mean loss, accumulated over microbatches.
+"""Gradients of a batch-mean loss accumulated over microbatches, and
+forward passes evaluated in microbatches.
 
 A train step that runs its forward and backward pass on ``n`` slices of the
 batch in a ``lax.scan`` needs ``1/n`` of the activation memory and gives
@@ -22,7 +23,7 @@ MAX_AUTO = 4
 
 
 def resolve(requested: int, batch_size: int, num_devices: int,
-            backend: str) -> int:
+            backend: str, key: str = "train.microbatches") -> int:
   """The number of microbatches to use.
 
   Args:
@@ -33,6 +34,7 @@ def resolve(requested: int, batch_size: int, num_devices: int,
     batch_size: the global batch size.
     num_devices: devices the batch is split over.
     backend: ``jax.default_backend()``.
+    key: the config key, for the error message.
 
   Raises:
     ValueError: ``requested`` does not divide each device's share.
@@ -41,9 +43,8 @@ def resolve(requested: int, batch_size: int, num_devices: int,
   if requested > 0:
     if per_device % requested:
       raise ValueError(
-          f"train.microbatches={requested} must divide the per-device batch "
-          f"(data.batch_size={batch_size} over {num_devices} devices = "
-          f"{per_device})")
+          f"{key}={requested} must divide the per-device batch ({batch_size} "
+          f"over {num_devices} devices = {per_device})")
     return requested
   if backend != "cpu":
     return 1
@@ -68,6 +69,21 @@ def split(inputs: PyTree, n: int) -> PyTree:
       raise ValueError(f"batch of {b} not divisible into {n} microbatches")
     return jnp.swapaxes(a.reshape((b // n, n) + a.shape[1:]), 0, 1)
   return jax.tree.map(one, inputs)
+
+
+def merge(outputs: PyTree, n: int) -> PyTree:
+  """Inverse of :func:`split`: ``[n, B / n, ...]`` leaves -> ``[B, ...]``."""
+  return jax.tree.map(
+      lambda a: jnp.swapaxes(a, 0, 1).reshape((n * a.shape[1],) + a.shape[2:]),
+      outputs)
+
+
+def chunked(fn: Callable[..., PyTree], n: int) -> Callable[..., PyTree]:
+  """``fn`` over ``[B, ...]`` arguments, evaluated on ``n`` microbatches in
+  a ``lax.map`` (forward passes: sampling, evaluation); same results."""
+  if n == 1:
+    return fn
+  return lambda *args: merge(jax.lax.map(lambda a: fn(*a), split(args, n)), n)
 
 
 def mean_value_and_grad(loss_fn: Callable[[PyTree, PyTree], jax.Array],
