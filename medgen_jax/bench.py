@@ -91,6 +91,7 @@ def run(config) -> Dict[str, Any]:
   t = time.perf_counter()
   compiled = trainer.jit_train_step(exp).lower(state, batch, rng).compile()
   res["compile_s"] = time.perf_counter() - t
+  runtime.release_free_memory()  # as the trainer does after compiling
   res["flops_per_step"] = flops_of(compiled)
 
   def step():
@@ -130,6 +131,7 @@ def run(config) -> Dict[str, Any]:
     t = time.perf_counter()
     sample_compiled = sample_fn.lower(state, rng, n).compile()
     res["sample_compile_s"] = time.perf_counter() - t
+    runtime.release_free_memory()
     _, stimes = _timed(lambda: jax.block_until_ready(
         sample_compiled(state, rng)), _SAMPLE_REPEATS.value)
     res["sample_batch"] = n

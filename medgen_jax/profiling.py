@@ -250,12 +250,13 @@ def breakdown(op_seconds: Dict[str, float],
   """Per-category seconds, share of the total and instruction count.
 
   Instructions missing from ``ops`` (e.g. of another program traced at the
-  same time) are ignored.
+  same time) are ignored, and so are loops and calls: their time is that of
+  the instructions of their bodies, which are traced too.
   """
   secs: Dict[str, float] = collections.defaultdict(float)
   counts: Dict[str, int] = collections.defaultdict(int)
   for name, s in op_seconds.items():
-    if name in ops:
+    if name in ops and ops[name].opcode not in _CONTAINERS:
       cat = categorize(ops[name])
       secs[cat] += s
       counts[cat] += 1
@@ -266,9 +267,10 @@ def breakdown(op_seconds: Dict[str, float],
 
 def top_ops(op_seconds: Dict[str, float], ops: Dict[str, HloOp],
             n: int = 10) -> List[Tuple[str, str, float]]:
-  """The ``n`` slowest instructions: ``(name, category, seconds)``."""
+  """The ``n`` slowest instructions (loops and calls excluded):
+  ``(name, category, seconds)``."""
   named = [(k, categorize(ops[k]), v) for k, v in op_seconds.items()
-           if k in ops]
+           if k in ops and ops[k].opcode not in _CONTAINERS]
   return sorted(named, key=lambda r: -r[2])[:n]
 
 

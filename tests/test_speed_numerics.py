@@ -215,3 +215,14 @@ def test_mfu_peaks_follow_the_compute_dtype():
   assert profiling.peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 495.0
   assert profiling.peak_tflops("TPU v5 lite", "float32") == 197.0
   assert profiling.peak_tflops("cpu", "float32") == 0.0
+
+
+def test_breakdown_skips_loops_whose_bodies_are_traced():
+  ops = {"w": profiling.HloOp("w", "while", "(f32[2])", "jit(s)/while"),
+         "f": profiling.HloOp("f", "fusion", "f32[2]", "jit(s)/while/body/add",
+                              ("add",))}
+  rows = profiling.breakdown({"w": 1.0, "f": 0.25}, ops)
+  assert [(r.category, r.seconds, r.count) for r in rows] == [
+      ("optimizer update", 0.25, 1)]
+  assert [n for n, _, _ in profiling.top_ops({"w": 1.0, "f": 0.25}, ops)] == [
+      "f"]

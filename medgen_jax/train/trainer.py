@@ -90,7 +90,9 @@ def jit_train_step(exp: Experiment) -> Callable:
 def init_state(exp: Experiment) -> PyTree:
   batch = example_batch(exp.data, exp.mesh)
   init = jax.jit(exp.method.init, out_shardings=exp.state_shardings)
-  return init(exp.init_rng, batch)
+  state = jax.block_until_ready(init(exp.init_rng, batch))
+  runtime.release_free_memory()
+  return state
 
 
 def checkpoint_meta(exp: Experiment) -> Dict[str, Any]:
@@ -203,6 +205,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     for step, batch in enumerate(batches, start=start + 1):
       rng = jax.random.fold_in(exp.train_rng, step)
       state, m = train_step(state, batch, rng)
+      if step == start + 1:
+        runtime.release_free_memory()  # the compiler's scratch
       if collection is None:
         collection = _average_metrics(sorted(m))
       one = collection.single_from_model_output(**m)
