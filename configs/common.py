@@ -336,7 +336,8 @@ def base_config() -> ml_collections.ConfigDict:
       ema_warmup=100,
       # Slices of the batch each step accumulates gradients over (same loss
       # and gradients, 1/n of the activation memory). 0 = auto: 1 on
-      # GPU/TPU; on CPU up to 4, of at least 8 examples each (faster there).
+      # GPU/TPU; on CPU, for per-device batches >= 32, up to 4 of at least 8
+      # examples each (faster there).
       microbatches=0,
       # Devices on the data axis (-1: all) and on the parameter-sharding axis.
       mesh_data=-1,

@@ -10,11 +10,13 @@ from medgen_jax import config_check
 from medgen_jax.train import microbatch
 
 
-def test_auto_splits_cpu_batches_into_microbatches_of_at_least_8():
+def test_auto_splits_large_cpu_batches_into_microbatches_of_at_least_8():
   assert microbatch.resolve(0, 32, 1, "cpu") == 4
-  assert microbatch.resolve(0, 16, 1, "cpu") == 2
-  assert microbatch.resolve(0, 8, 1, "cpu") == 1
-  assert microbatch.resolve(0, 24, 1, "cpu") == 3
+  assert microbatch.resolve(0, 64, 1, "cpu") == 4
+  assert microbatch.resolve(0, 36, 1, "cpu") == 4   # 9 each
+  assert microbatch.resolve(0, 33, 1, "cpu") == 3   # 11 each
+  assert microbatch.resolve(0, 16, 1, "cpu") == 1   # too small to gain
+  assert microbatch.resolve(0, 128, 4, "cpu") == 4  # 32 per device
   assert microbatch.resolve(0, 32, 4, "cpu") == 1   # 8 per device
   assert microbatch.resolve(0, 256, 1, "gpu") == 1
   assert microbatch.resolve(2, 8, 1, "gpu") == 2
