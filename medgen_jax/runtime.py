@@ -21,9 +21,9 @@ XLA_CPU_FLAGS = (
 # jaxlib 0.10 hands every convolution to YNNPACK by default, which at
 # medical-image sizes (8-64 px, 16-192 channels) runs 2x slower than XLA's
 # Eigen convolutions (forward and input gradient) and 3x slower for kernel
-# gradients. Keeping YNNPACK for matrix products and reductions only makes
-# the ref6m U-Net train step 1.25x and sampling 1.5x faster
-# (experiments/benchmarks/compare.py). The flag is experimental: it is set
+# gradients. Keeping YNNPACK for matrix products and reductions only took
+# the ref6m U-Net train step from 2.41 to 2.1-2.2 s and a sampling step from
+# 1.61 to 1.14-1.22 s (python -m medgen_jax.bench). The flag is experimental: it is set
 # only for jaxlib versions it was measured on, because XLA aborts on an
 # unknown flag.
 YNN_FLAG = ("--xla_cpu_experimental_ynn_fusion_type="
@@ -31,12 +31,35 @@ YNN_FLAG = ("--xla_cpu_experimental_ynn_fusion_type="
 YNN_FLAG_JAXLIB = ("0.10.",)
 
 
+# LLVM -O1 instead of -O2 for the kernels XLA generates itself: on CPUs the
+# heavy ops (convolutions, matrix products, reductions) are library calls and
+# XLA's own loops are memory-bound, so the ref6m train step compiles in
+# 9.7 s instead of 10.8 s at the same step time. The flag sets the GPU
+# backend's LLVM level too, so it is only added where no accelerator plugin
+# is installed.
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=1"
+
+
+def _cpu_only_install() -> bool:
+  """No PJRT accelerator plugin (CUDA, ROCm, TPU) is importable."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms == "cpu"
+  return all(importlib.util.find_spec(m) is None
+             for m in ("jax_plugins", "libtpu"))
+
+
 def default_xla_cpu_flags() -> Tuple[str, ...]:
-  """``XLA_CPU_FLAGS`` plus the YNNPACK fusion flag where jaxlib has it."""
+  """``XLA_CPU_FLAGS``, plus the YNNPACK fusion flag where jaxlib has it and
+  the fast-compile flag on CPU-only installations."""
   import jaxlib.version  # pylint: disable=import-outside-toplevel
+  flags = XLA_CPU_FLAGS
   if jaxlib.version.__version__.startswith(YNN_FLAG_JAXLIB):
-    return XLA_CPU_FLAGS + (YNN_FLAG,)
-  return XLA_CPU_FLAGS
+    flags += (YNN_FLAG,)
+  if _cpu_only_install():
+    flags += (FAST_COMPILE_FLAG,)
+  return flags
 
 
 def set_xla_cpu_flags(flags: Optional[Tuple[str, ...]] = None) -> str:

@@ -187,6 +187,13 @@ def test_xla_cpu_flags_keep_user_choice(monkeypatch):
   assert os.environ["XLA_FLAGS"] == out
 
 
+def test_fast_compile_flag_only_without_accelerators(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert runtime.FAST_COMPILE_FLAG in runtime.default_xla_cpu_flags()
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  assert runtime.FAST_COMPILE_FLAG not in runtime.default_xla_cpu_flags()
+
+
 def test_use_huge_pages_is_a_no_op_when_set_or_disabled(monkeypatch):
   calls = []
   monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
