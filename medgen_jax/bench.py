@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from medgen_jax import profiling
 from medgen_jax.profiling import PEAK_TFLOPS, peak_tflops  # pylint: disable=unused-import
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,14 +43,6 @@ _CACHE = flags.DEFINE_bool(
     "--nocompile_cache times a cold compile.")
 _TOP_OPS = flags.DEFINE_integer("top_ops", 12,
                                 "Slowest HLO ops listed with --profile.")
-
-def flops_of(compiled) -> float:
-  """XLA's cost-analysis FLOP estimate of a compiled program (0 if absent)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
-
 
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -92,7 +85,8 @@ def run(config) -> Dict[str, Any]:
   compiled = trainer.jit_train_step(exp).lower(state, batch, rng).compile()
   res["compile_s"] = time.perf_counter() - t
   runtime.release_free_memory()  # as the trainer does after compiling
-  res["flops_per_step"] = flops_of(compiled)
+  res["flops_per_step"] = profiling.step_flops(exp.method, state, batch,
+                                                rng)
 
   def step():
     nonlocal state
@@ -110,7 +104,6 @@ def run(config) -> Dict[str, Any]:
   res["peak_tflops"] = peak
   res["mfu"] = res["achieved_tflops"] / (peak * jax.device_count()) if peak else None
   if _PROFILE.value:
-    from medgen_jax import profiling  # pylint: disable=import-outside-toplevel
     rows, secs, ops = profiling.profile(step, compiled.as_text(),
                                         _PROFILE.value)
     res["profile_ms"] = {r.category: r.seconds * 1e3 for r in rows}

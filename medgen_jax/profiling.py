@@ -19,6 +19,7 @@ records.
 """
 
 import collections
+import copy
 import dataclasses
 import glob
 import os
@@ -302,6 +303,28 @@ def format_table(rows: Sequence[Row], wall_s: float = 0.0) -> str:
   if wall_s:
     lines.append(f"  {'wall time of the step':<26}{wall_s * 1e3:10.1f}")
   return "\n".join(lines)
+
+
+def flops_of(program) -> float:
+  """XLA's cost-analysis FLOP estimate of a lowered or compiled program (0
+  if absent)."""
+  cost = program.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def step_flops(method, state, batch, rng) -> float:
+  """XLA's FLOP estimate of one ``method.train_step``, lowered unsplit.
+
+  Cost analysis counts a loop body once, so a step that scans over ``n``
+  microbatches would report ``1/n`` of its work; the unsplit step does the
+  same arithmetic. ``state`` may be abstract (shapes only).
+  """
+  method = copy.copy(method)
+  if hasattr(method, "microbatches"):
+    method.microbatches = 1
+  return flops_of(jax.jit(method.train_step).lower(state, batch, rng))
 
 
 # Dense peak TFLOP/s per device by (device_kind substring, dtype). With JAX's
