@@ -209,16 +209,17 @@ def _group_norm_bwd(num_groups, epsilon, dtype, silu, residuals, g):
   s2 = jnp.sum(dy * xf, axis=1)
   scale_f = scale.astype(jnp.float32)
   by_group = lambda v: jnp.sum(v.reshape(b, num_groups, -1), axis=-1)
-  sum_dxhat = by_group(s1 * scale_f) / count                    # [B, G]
-  # mean over the group of dxhat * xhat, xhat = (x - mean) * inv.
-  sum_dxhat_xhat = (by_group(s2 * scale_f) - mean * by_group(s1 * scale_f)
-                    ) * inv / count
+  group_s1 = by_group(s1 * scale_f)                              # [B, G]
+  mean_dxhat = group_s1 / count
+  # Group mean of dxhat * xhat, with xhat = (x - mean) * inv.
+  mean_dxhat_xhat = (by_group(s2 * scale_f) - mean * group_s1) * inv / count
   # dx = inv * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
   #    = dy * (inv * scale) + x * q + r, per (sample, channel).
-  q = -inv * inv * sum_dxhat_xhat
-  r = -inv * sum_dxhat - q * mean
+  q = -inv * inv * mean_dxhat_xhat
+  r = -inv * mean_dxhat - q * mean
   inv_c, q_c, r_c = _per_channel(inv, q, r, channels=c)
-  dx = dy * (inv_c * scale_f)[:, None, :] + xf * q_c[:, None, :] + r_c[:, None, :]
+  dx = (dy * (inv_c * scale_f)[:, None, :] + xf * q_c[:, None, :] +
+        r_c[:, None, :])
   mean_c, = _per_channel(mean, channels=c)
   dscale = jnp.sum((s2 - mean_c * s1) * inv_c, axis=0)
   dbias = jnp.sum(s1, axis=0)
