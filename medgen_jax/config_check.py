@@ -14,6 +14,7 @@ from medgen_jax.data import preprocess
 from medgen_jax.eval import registry as eval_registry
 from medgen_jax.methods import base as methods
 from medgen_jax.nn import conv as conv_lib
+from medgen_jax.train import microbatch
 
 REQUIRED_SECTIONS = ("data", "model", "method", "optim", "train", "sample")
 
@@ -114,11 +115,11 @@ def method_errors(config: ml_collections.ConfigDict,
   mb = t.get("microbatches", 0)
   if not isinstance(mb, int) or mb < 0:
     errors.append(f"train.microbatches={mb!r} must be an int >= 0 (0: auto)")
-  elif (mb and isinstance(d.batch_size, int) and
-        (d.batch_size // max(num_devices, 1)) % mb):
-    errors.append(f"train.microbatches={mb} must divide the per-device batch "
-                  f"(data.batch_size={d.batch_size} over {num_devices} "
-                  "devices)")
+  elif isinstance(d.batch_size, int):
+    try:
+      microbatch.resolve(mb, d.batch_size, num_devices, "cpu")
+    except ValueError as e:
+      errors.append(str(e))
   if not 0.0 <= t.ema < 1.0:
     errors.append(f"train.ema={t.ema} must be in [0, 1)")
   errors += eval_registry.config_errors(config)

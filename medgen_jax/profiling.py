@@ -218,9 +218,10 @@ def trace_op_seconds(fn: Callable[[], object],
       for event in line.events:
         if event.name.startswith("end: "):
           ends[event.name[5:]].append(event.start_ns)
-        elif "hlo_op" in dict(event.stats):
-          starts[str(dict(event.stats)["hlo_op"])].append(
-              (event.start_ns, event.duration_ns))
+          continue
+        op = dict(event.stats).get("hlo_op")
+        if op is not None:
+          starts[str(op)].append((event.start_ns, event.duration_ns))
   totals: Dict[str, float] = {}
   for name, events in starts.items():
     done = sorted(ends.get(name, ()))

@@ -23,9 +23,9 @@ XLA_CPU_FLAGS = (
 # Eigen convolutions (forward and input gradient) and 3x slower for kernel
 # gradients. Keeping YNNPACK for matrix products and reductions only took
 # the ref6m U-Net train step from 2.41 to 2.1-2.2 s and a sampling step from
-# 1.61 to 1.14-1.22 s (python -m medgen_jax.bench). The flag is experimental: it is set
-# only for jaxlib versions it was measured on, because XLA aborts on an
-# unknown flag.
+# 1.61 to 1.14-1.22 s (python -m medgen_jax.bench). The flag is
+# experimental: it is set only for jaxlib versions it was measured on,
+# because XLA aborts on an unknown flag.
 YNN_FLAG = ("--xla_cpu_experimental_ynn_fusion_type="
             "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE")
 YNN_FLAG_JAXLIB = ("0.10.",)

@@ -57,7 +57,7 @@ class DDPM:
                                             config.method.timesteps)
     self.tx = make_optimizer(config.optim, config.train.num_steps)
     self.microbatches = microbatch.resolve(
-        int(config.train.get("microbatches", 1)), int(config.data.batch_size),
+        int(config.train.get("microbatches", 0)), int(config.data.batch_size),
         jax.device_count(), jax.default_backend())
 
   @property
