@@ -11,13 +11,17 @@ backward pass)::
   rows, _, _ = profiling.profile(step_fn, compiled.as_text(), repeats=2)
   print(profiling.format_table(rows))
 
-Times are summed over threads: concurrently running thunks both count, so
-the total can exceed the step's wall time; shares are of that total. An op
-that XLA runs asynchronously on its intra-op pool (Eigen convolutions, large
-dots) is timed from its dispatch to the ``end:`` event its last worker
-records.
+An instruction's time is its share of the wall time: while ``k``
+instructions run at once (XLA runs independent thunks concurrently), each
+is charged ``1/k`` of it, so the rows add up to the traced time of the
+program and are directly comparable with another framework's per-op wall
+times. An op that XLA runs asynchronously on its intra-op pool (Eigen
+convolutions, large dots) runs from its dispatch to the ``end:`` event its
+last worker records. Loops and calls are not charged: the instructions of
+their bodies are traced.
 """
 
+import bisect
 import collections
 import copy
 import dataclasses
@@ -26,7 +30,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import jax
 
@@ -185,17 +189,10 @@ def _prod(xs: Iterable[int]) -> int:
   return out
 
 
-def trace_op_seconds(fn: Callable[[], object],
-                     repeats: int = 1) -> Dict[str, float]:
-  """Seconds per call spent in each HLO instruction while running ``fn``.
-
-  Args:
-    fn: runs the compiled program once and blocks until it is done.
-    repeats: calls traced; the result is the mean per call.
-
-  Returns:
-    ``{hlo instruction name: seconds per call}``, summed over threads.
-  """
+def trace_op_intervals(fn: Callable[[], object],
+                       repeats: int = 1) -> List[Tuple[int, int, str]]:
+  """``(start_ns, end_ns, hlo instruction)`` of every instruction executed
+  while running ``fn`` ``repeats`` times under ``jax.profiler``."""
   log_dir = tempfile.mkdtemp(prefix="medgen_profile_")
   try:
     jax.profiler.start_trace(log_dir)
@@ -222,21 +219,63 @@ def trace_op_seconds(fn: Callable[[], object],
         op = dict(event.stats).get("hlo_op")
         if op is not None:
           starts[str(op)].append((event.start_ns, event.duration_ns))
-  totals: Dict[str, float] = {}
+  intervals = []
   for name, events in starts.items():
     done = sorted(ends.get(name, ()))
-    total = 0.0
     for start, duration in sorted(events):
       # An asynchronous thunk's event covers only its dispatch; it runs
       # until the first "end:" event after its start.
-      later = [e for e in done if e >= start]
-      if later and later[0] - start > duration:
-        total += later[0] - start
-        done.remove(later[0])
+      i = bisect.bisect_left(done, start)
+      if i < len(done) and done[i] - start > duration:
+        intervals.append((start, done.pop(i), name))
       else:
-        total += duration
-    totals[name] = total * 1e-9 / repeats
-  return totals
+        intervals.append((start, start + duration, name))
+  return intervals
+
+
+def wall_shares(intervals: Iterable[Tuple[int, int, str]]) -> Dict[str, int]:
+  """Nanoseconds charged to each name: every instant is split evenly among
+  the intervals covering it, so the values add up to the union's length."""
+  events = []
+  for start, end, name in intervals:
+    events += [(start, 1, name), (end, -1, name)]
+  events.sort(key=lambda e: (e[0], e[1]))
+  running: collections.Counter = collections.Counter()
+  shares: Dict[str, float] = collections.defaultdict(float)
+  last = events[0][0] if events else 0
+  for t, kind, name in events:
+    k = sum(running.values())
+    if k and t > last:
+      for other, n in running.items():
+        shares[other] += (t - last) * n / k
+    last = t
+    running[name] += kind
+    if not running[name]:
+      del running[name]
+  return {name: int(round(v)) for name, v in shares.items()}
+
+
+def trace_op_seconds(fn: Callable[[], object], repeats: int = 1,
+                     ops: Optional[Dict[str, HloOp]] = None
+                     ) -> Dict[str, float]:
+  """Wall seconds per call charged to each HLO instruction while running
+  ``fn`` (see the module docstring).
+
+  Args:
+    fn: runs the compiled program once and blocks until it is done.
+    repeats: calls traced; the result is the mean per call.
+    ops: the program's parsed HLO; its loops and calls are left out, so
+      their time goes to the instructions of their bodies.
+
+  Returns:
+    ``{hlo instruction name: seconds per call}``.
+  """
+  intervals = trace_op_intervals(fn, repeats)
+  if ops is not None:
+    intervals = [i for i in intervals
+                 if i[2] not in ops or ops[i[2]].opcode not in _CONTAINERS]
+  return {name: ns * 1e-9 / repeats
+          for name, ns in wall_shares(intervals).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +327,7 @@ def profile(fn: Callable[[], object], hlo_text: str,
     The category rows, seconds per instruction, and the parsed HLO.
   """
   ops = parse_hlo(hlo_text)
-  secs = trace_op_seconds(fn, repeats)
+  secs = trace_op_seconds(fn, repeats, ops)
   return breakdown(secs, ops), secs, ops
 
 
@@ -299,7 +338,7 @@ def format_table(rows: Sequence[Row], wall_s: float = 0.0) -> str:
     lines.append(f"  {r.category:<26}{r.seconds * 1e3:10.1f}"
                  f"{r.share * 100:7.1f}{r.count:6d}")
   total = sum(r.seconds for r in rows)
-  lines.append(f"  {'total (summed threads)':<26}{total * 1e3:10.1f}"
+  lines.append(f"  {'total (traced)':<26}{total * 1e3:10.1f}"
                f"{100.0:7.1f}{sum(r.count for r in rows):6d}")
   if wall_s:
     lines.append(f"  {'wall time of the step':<26}{wall_s * 1e3:10.1f}")

@@ -3,6 +3,7 @@ its hand-written gradient, explicit convolution gradients, the per-op
 profiler, the XLA:CPU flags."""
 
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -112,13 +113,19 @@ def tiny_profile():
     return jax.tree.map(lambda a, b: a - 0.1 * b, p, grads)
 
   compiled = jax.jit(step).lower(params).compile()
-  rows, secs, ops = profiling.profile(
-      lambda: jax.block_until_ready(compiled(params)), compiled.as_text(), 2)
-  return rows, secs, ops
+  walls = []
+
+  def run():
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(params))
+    walls.append(time.perf_counter() - t)
+
+  rows, secs, ops = profiling.profile(run, compiled.as_text(), 2)
+  return rows, secs, ops, sum(walls) / len(walls)
 
 
 def test_profile_finds_every_kind_of_op(tiny_profile):
-  rows, secs, ops = tiny_profile
+  rows, secs, ops, _ = tiny_profile
   cats = {r.category for r in rows}
   for expected in ("conv forward", "conv input-grad", "conv kernel-grad",
                    "group norm fwd", "group norm bwd"):
@@ -177,6 +184,7 @@ ENTRY %main (a: f32[2,4,4,3], b: f32[3,3,3,5]) -> f32[2,4,4,5] {
 
 
 def test_xla_cpu_flags_keep_user_choice(monkeypatch):
+  monkeypatch.setenv(runtime.ADDED_FLAGS_ENV, "")
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_scheduler_type=X --foo=1")
   out = runtime.set_xla_cpu_flags()
   assert out.split().count("--xla_cpu_scheduler_type=X") == 1
@@ -185,6 +193,27 @@ def test_xla_cpu_flags_keep_user_choice(monkeypatch):
   out = runtime.set_xla_cpu_flags()
   assert out.split() == [*runtime.default_xla_cpu_flags(), "--foo=1"]
   assert os.environ["XLA_FLAGS"] == out
+
+
+def test_microbatched_train_steps_compile_with_the_default_scheduler(
+    monkeypatch):
+  monkeypatch.setenv(runtime.ADDED_FLAGS_ENV, "")
+  # Only real flags: XLA reads $XLA_FLAGS again when it compiles.
+  monkeypatch.setenv("XLA_FLAGS", "")
+  runtime.set_xla_cpu_flags()
+  assert not runtime.user_set_flag(runtime.SCHEDULER_FLAG)
+  assert runtime.train_step_compiler_options(1) is None
+  opts = runtime.train_step_compiler_options(4)
+  assert opts == {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"}
+  # XLA takes the option per program.
+  f = jax.jit(lambda x: jnp.cumsum(x * 2.0), compiler_options=opts)
+  np.testing.assert_allclose(f(jnp.arange(4.0)), [0.0, 2.0, 6.0, 12.0])
+  # A scheduler the user chose in $XLA_FLAGS applies to every program.
+  monkeypatch.setenv(runtime.ADDED_FLAGS_ENV, "")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_scheduler_type=X")
+  runtime.set_xla_cpu_flags()
+  assert runtime.user_set_flag(runtime.SCHEDULER_FLAG)
+  assert runtime.train_step_compiler_options(4) is None
 
 
 def test_fast_compile_flag_only_without_accelerators(monkeypatch):
@@ -233,3 +262,22 @@ def test_breakdown_skips_loops_whose_bodies_are_traced():
       ("optimizer update", 0.25, 1)]
   assert [n for n, _, _ in profiling.top_ops({"w": 1.0, "f": 0.25}, ops)] == [
       "f"]
+
+
+def test_wall_shares_split_overlapping_ops():
+  # a runs 0-10, b 5-15, c 20-22 (alone), d twice within a's time.
+  shares = profiling.wall_shares([(0, 10, "a"), (5, 15, "b"), (20, 22, "c"),
+                                  (1, 2, "d"), (3, 4, "d")])
+  # 0-1 a; 1-2 a+d; 2-3 a; 3-4 a+d; 4-5 a; 5-10 a+b; 10-15 b; 20-22 c.
+  assert shares == {"a": 6, "d": 1, "b": 8, "c": 2}
+  assert sum(shares.values()) == 15 + 2  # the union of the intervals
+  assert profiling.wall_shares([]) == {}
+
+
+def test_profile_rows_add_up_to_at_most_the_wall_time(tiny_profile):
+  rows, secs, ops, wall = tiny_profile
+  # Each instant is charged once, so the instructions of one call add up to
+  # no more than its wall time, however many of them ran concurrently.
+  assert 0 < sum(s for n, s in secs.items() if n in ops) <= wall
+  assert sum(r.seconds for r in rows) <= wall
+  assert "total (traced)" in profiling.format_table(rows)

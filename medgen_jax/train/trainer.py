@@ -78,13 +78,19 @@ def build_experiment(config: ml_collections.ConfigDict,
 
 
 def jit_train_step(exp: Experiment) -> Callable:
-  """The method's train step, jitted over the mesh; donates the old state."""
+  """The method's train step, jitted over the mesh; donates the old state.
+
+  A step split into microbatches compiles with its own XLA:CPU scheduler
+  (see ``runtime.train_step_compiler_options``).
+  """
   return jax.jit(
       exp.method.train_step,
       in_shardings=(exp.state_shardings, sharding_lib.batch_sharding(exp.mesh),
                     sharding_lib.replicated(exp.mesh)),
       out_shardings=(exp.state_shardings, sharding_lib.replicated(exp.mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,),
+      compiler_options=runtime.train_step_compiler_options(
+          getattr(exp.method, "microbatches", 1)))
 
 
 def init_state(exp: Experiment) -> PyTree:
