@@ -97,3 +97,65 @@ def test_explicit_gradients_stay_canonical_inside_a_scan():
   layouts = _conv_layouts("explicit")
   assert len(layouts) == 3  # forward, input gradient, kernel gradient
   assert set(layouts) == {"b01f_01io->b01f"}
+
+
+def _upsample_then_conv(x, k, lowering):
+  n = x.ndim - 2
+  for axis in range(1, 1 + n):
+    x = jnp.repeat(x, 2, axis=axis)
+  return conv.conv(x, k, 1, ((1, 1),) * n, lowering)
+
+
+@pytest.mark.parametrize("shape,lowering", [
+    ((2, 4, 4, 3), "explicit"),
+    ((2, 5, 3, 3), "xla"),        # odd and unequal sides
+    ((1, 3, 2, 4, 2), "explicit"),   # 3D
+])
+def test_upsample_conv_is_upsample_then_conv(shape, lowering):
+  n = len(shape) - 2
+  kx, kk, kg = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, shape)
+  k = jax.random.normal(kk, (3,) * n + (shape[-1], 5))
+  ref = _upsample_then_conv(x, k, "xla")
+  out = conv.upsample_conv(x, k, lowering)
+  assert out.shape == ref.shape == (shape[0], *[2 * s for s in shape[1:-1]], 5)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  # Gradients with respect to the input and the 3-wide kernel match too.
+  g = jax.random.normal(kg, ref.shape)
+  want = jax.vjp(lambda x, k: _upsample_then_conv(x, k, "xla"), x, k)[1](g)
+  got = jax.vjp(lambda x, k: conv.upsample_conv(x, k, lowering), x, k)[1](g)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_phase_kernels_add_the_taps_that_read_the_same_input():
+  k = jnp.arange(3.0).reshape(3, 1, 1, 1) * jnp.ones((3, 3, 1, 1))  # rows 0,1,2
+  pk = conv.phase_kernels(k)
+  assert pk.shape == (2, 2, 1, 4)
+  # Output channel (p, q): phase p along the rows; phase 0 taps rows
+  # (0, 1 + 2), phase 1 taps rows (0 + 1, 2); each column tap sums 1 or 2
+  # of the 3 equal column weights.
+  cols = {0: (1.0, 2.0), 1: (2.0, 1.0)}
+  rows = {0: (0.0, 3.0), 1: (1.0, 2.0)}
+  for p in (0, 1):
+    for q in (0, 1):
+      want = np.outer(rows[p], cols[q])
+      np.testing.assert_allclose(pk[:, :, 0, 2 * p + q], want)
+  with pytest.raises(ValueError, match="3-wide"):
+    conv.phase_kernels(jnp.ones((1, 1, 2, 2)))
+
+
+def test_upsample_layer_keeps_its_parameters_and_values():
+  from medgen_jax.nn import layers  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+  up = layers.Upsample(6, conv_lowering="explicit")
+  params = up.init(jax.random.key(0), x)["params"]
+  assert jax.tree.map(jnp.shape, params) == {
+      "Conv_0": {"kernel": (3, 3, 3, 6), "bias": (6,)}}
+  plain = layers.Conv(6, 3, conv_lowering="xla")
+  want = plain.apply({"params": params["Conv_0"]},
+                     jnp.repeat(jnp.repeat(x, 2, 1), 2, 2))
+  np.testing.assert_allclose(up.apply({"params": params}, x), want,
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="kernel_size=3, strides=1"):
+    layers.Conv(4, 3, strides=2, upsample=True).init(jax.random.key(0), x)

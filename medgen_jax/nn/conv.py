@@ -22,6 +22,7 @@ cuDNN and the TPU compiler have native gradient convolutions.
 """
 
 import functools
+import itertools
 from typing import Sequence, Tuple
 
 import jax
@@ -130,6 +131,80 @@ def _explicit_conv_bwd(strides, padding, residuals, g):
 
 
 explicit_conv.defvjp(_explicit_conv_fwd, _explicit_conv_bwd)
+
+
+def phase_kernels(kernel: jax.Array) -> jax.Array:
+  """A 3-wide kernel applied after nearest 2x upsampling, as 2-wide kernels
+  applied before it, one per output phase.
+
+  Along each spatial axis, output ``2i + p`` of the upsampled-then-convolved
+  signal reads upsampled rows ``2i + p - 1 .. 2i + p + 1``, i.e. input rows
+  ``i - 1, i, i`` (phase 0) or ``i, i, i + 1`` (phase 1): the taps that land
+  on the same input row add up, leaving two taps per phase.
+
+  Args:
+    kernel: ``[3, ..., 3, Ci, Co]`` (``n`` spatial axes).
+
+  Returns:
+    ``[2, ..., 2, Ci, 2^n * Co]``; output channel ``(p_1, ..., p_n, co)`` is
+    phase ``(p_1, ..., p_n)``'s kernel, its two taps reading input offsets
+    ``-1, 0`` (phase 0) or ``0, +1`` (phase 1).
+  """
+  n = kernel.ndim - 2
+  if kernel.shape[:n] != (3,) * n:
+    raise ValueError(f"phase kernels need a 3-wide kernel, got {kernel.shape}")
+  k = kernel
+  for d in reversed(range(n)):  # axis d: 3 taps -> (phase, 2 taps)
+    k0, k1, k2 = (jax.lax.index_in_dim(k, i, d, keepdims=False)
+                  for i in range(3))
+    k = jnp.stack([jnp.stack([k0, k1 + k2], d), jnp.stack([k0 + k1, k2], d)],
+                  d)
+  # Axes p_1, t_1, ..., p_n, t_n, Ci, Co -> t_1..t_n, Ci, p_1..p_n, Co.
+  perm = ([2 * d + 1 for d in range(n)] + [2 * n] +
+          [2 * d for d in range(n)] + [2 * n + 1])
+  ci, co = kernel.shape[-2:]
+  return jnp.transpose(k, perm).reshape((2,) * n + (ci, 2 ** n * co))
+
+
+def upsample_conv(x: jax.Array, kernel: jax.Array,
+                  lowering: str = "xla") -> jax.Array:
+  """Nearest-neighbour 2x upsampling, then a 3-wide "same" convolution.
+
+  Computed at the input's resolution: one convolution with the 2-wide
+  :func:`phase_kernels` (all ``2^n`` phases as output channels) of the
+  zero-padded input, whose phases are then interleaved. That is 2^n * 2^n
+  instead of 2^n * 3^n multiply-adds per input position and channel pair
+  (2.25x fewer in 2D, 3.4x in 3D) and no upsampled copy of the input; the
+  values are the same up to float rounding (taps that read the same input
+  are summed in the kernel first).
+
+  Args:
+    x: ``[B, *S, Ci]``, in the compute dtype.
+    kernel: ``[3, ..., 3, Ci, Co]``; the phase kernels are summed in its
+      dtype (the parameters') and then cast to ``x``'s.
+    lowering: see :func:`conv`.
+
+  Returns:
+    ``[B, *2S, Co]``, as ``conv(repeat(x, 2), kernel, 1, 1-padding)``.
+  """
+  n = x.ndim - 2
+  b, *sizes, _ = x.shape
+  co = kernel.shape[-1]
+  k = phase_kernels(kernel).astype(x.dtype)
+  xp = jnp.pad(x, [(0, 0)] + [(1, 1)] * n + [(0, 0)])
+  # Position r of the 2-wide valid conv reads input rows r - 1 and r: phase
+  # 0 of output 2i + 0 sits at r = i, phase 1 of output 2i + 1 at r = i + 1.
+  z = conv(xp, k, 1, ((0, 0),) * n, lowering)    # [B, *(S + 1), 2^n Co]
+  z = z.reshape((b, *[s + 1 for s in sizes]) + (2,) * n + (co,))
+  phases = []
+  for ph in itertools.product((0, 1), repeat=n):
+    phases.append(z[(slice(None),) +
+                    tuple(slice(p, p + s) for p, s in zip(ph, sizes)) + ph])
+  y = jnp.stack(phases, axis=1).reshape((b,) + (2,) * n + tuple(sizes) + (co,))
+  # [B, p_1..p_n, S_1..S_n, Co] -> [B, S_1, p_1, ..., S_n, p_n, Co].
+  perm = [0] + [a for d in range(n) for a in (1 + n + d, 1 + d)] + [2 * n + 1]
+  return jnp.transpose(y, perm).reshape((b,) + tuple(2 * s for s in sizes) +
+                                        (co,))
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,

@@ -67,6 +67,9 @@ class Conv(nn.Module):
     kernel_init: initializer of the ``[*k, C_in, C_out]`` kernel.
     conv_lowering: how the convolution is computed (``"auto"``, ``"xla"``
       or ``"explicit"``); values and parameters are the same either way.
+    upsample: upsample the input 2x (nearest neighbour) first; computed
+      without the upsampled copy (``conv.upsample_conv``, 3-wide kernels
+      with stride 1 only).
   """
 
   features: int
@@ -78,18 +81,27 @@ class Conv(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = default_init
   conv_lowering: str = "xla"
+  upsample: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """``[B, *spatial, C_in]`` -> ``[B, *spatial / strides, features]``."""
+    """``[B, *spatial, C_in]`` -> ``[B, *spatial / strides, features]``
+    (``[B, *spatial * 2, features]`` with ``upsample``)."""
     if x.ndim != self.spatial_dims + 2:
       raise ValueError(f"Conv with spatial_dims={self.spatial_dims} expects "
                        f"{self.spatial_dims + 2}-d input, got {x.shape}")
+    if self.upsample and (self.kernel_size != 3 or self.strides != 1):
+      raise ValueError("Conv(upsample=True) needs kernel_size=3, strides=1; "
+                       f"got {self.kernel_size}, {self.strides}")
     shape = (self.kernel_size,) * self.spatial_dims + (x.shape[-1],
                                                        self.features)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    y = conv_nd(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
-                self.conv_lowering)
+    if self.upsample:
+      y = conv_lib.upsample_conv(x.astype(self.dtype), kernel,
+                                 self.conv_lowering)
+    else:
+      y = conv_nd(x.astype(self.dtype), kernel.astype(self.dtype),
+                  self.strides, self.conv_lowering)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,),
                         self.param_dtype)
@@ -390,6 +402,8 @@ class Upsample(nn.Module):
   """Doubles every spatial side: nearest-neighbour resize then 3x3 conv.
 
   Resize-then-conv avoids the checkerboard artefacts of transposed convs.
+  It is computed at the input resolution (``Conv(upsample=True)``): the same
+  function and parameters with 2.25x (3D: 3.4x) fewer multiply-adds.
   """
 
   out_ch: int
@@ -400,7 +414,6 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """``[B, *spatial, C]`` -> ``[B, *spatial * 2, out_ch]``."""
-    for axis in range(1, 1 + self.spatial_dims):
-      x = jnp.repeat(x, 2, axis=axis)
     return Conv(self.out_ch, 3, spatial_dims=self.spatial_dims,
-                dtype=self.dtype, conv_lowering=self.conv_lowering)(x)
+                dtype=self.dtype, conv_lowering=self.conv_lowering,
+                upsample=True)(x)
