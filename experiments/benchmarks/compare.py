@@ -50,13 +50,15 @@ def main():
                  help="extra flags for medgen_jax.bench, e.g. "
                       "--config.model.conv_lowering=xla")
   p.add_argument("--profile", action="store_true",
-                 help="also print the JAX per-op breakdown of a train step")
+                 help="also print both frameworks' per-op breakdown of a "
+                      "train step")
   p.add_argument("--torch_flags", nargs="*",
                  default=["--ch=64", "--num_res_blocks=2", "--num_groups=32",
                           "--res=32", "--batch=32", "--sample_batch=64"])
   a = p.parse_args()
   if a.profile:
     a.jax_flags = [*a.jax_flags, "--profile=1"]
+    a.torch_flags = [*a.torch_flags, "--profile=2"]
   jax_train, jax_sample, torch_train, torch_sample = [], [], [], []
   jax_rss, torch_rss, compile_s = [], [], []
   for r in range(a.rounds):
@@ -86,6 +88,11 @@ def main():
   if "profile_table" in j:
     print("\nJAX training step by op category (last round):\n" +
           j["profile_table"])
+  if "profile_ms" in t:
+    print("\nPyTorch training step by op category (last round, self CPU "
+          "time under torch.profiler, ms):")
+    for name, ms in t["profile_ms"].items():
+      print(f"  {name:<26}{ms:10.1f}")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ def main():
   p.add_argument("--sample_batch", type=int, default=64)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--threads", type=int, default=0)
+  p.add_argument("--profile", type=int, default=0,
+                 help="also time N train steps per aten op (torch.profiler)")
   a = p.parse_args()
   if a.threads:
     torch.set_num_threads(a.threads)
@@ -187,7 +189,41 @@ def main():
          "train_step_s": timed(train_step, a.steps),
          "sample_step_s": timed(sample_step, max(2, a.steps // 2)),
          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+  if a.profile:
+    res["profile_ms"] = profile_ms(train_step, a.profile)
   print(json.dumps(res), flush=True)
+
+
+# aten ops -> the categories of medgen_jax.profiling (self CPU time).
+CATEGORIES = (
+    ("conv forward", ("aten::mkldnn_convolution",)),
+    ("conv input+kernel grad", ("aten::convolution_backward",)),
+    ("group norm + silu fwd", ("aten::native_group_norm", "aten::silu")),
+    ("group norm + silu bwd", ("aten::native_group_norm_backward",
+                               "aten::silu_backward")),
+    ("attention", ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                   "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                   "aten::bmm")),
+    ("dense (embedding)", ("aten::addmm", "aten::mm")),
+    ("copies/cat", ("aten::copy_", "aten::cat", "aten::clone",
+                    "aten::contiguous")),
+)
+
+
+def profile_ms(step, steps: int) -> dict:
+  """Self CPU milliseconds per train step by category; the rest of the
+  ops (elementwise, optimizer, allocation) is "other"."""
+  from torch.profiler import profile  # pylint: disable=import-outside-toplevel
+  with profile() as prof:
+    for _ in range(steps):
+      step()
+  out = {name: 0.0 for name, _ in CATEGORIES}
+  out["other"] = 0.0
+  for ev in prof.key_averages():
+    cat = next((c for c, ops in CATEGORIES if ev.key in ops), "other")
+    out[cat] += ev.self_cpu_time_total / 1e3 / steps
+  out["total (profiled)"] = sum(out.values())
+  return out
 
 
 if __name__ == "__main__":
