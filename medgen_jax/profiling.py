@@ -278,6 +278,12 @@ def trace_op_seconds(fn: Callable[[], object], repeats: int = 1,
           for name, ns in wall_shares(intervals).items()}
 
 
+def _charged(name: str, ops: Dict[str, HloOp]) -> bool:
+  """An instruction of this program that is not a loop or call (whose time
+  is that of their bodies' instructions)."""
+  return name in ops and ops[name].opcode not in _CONTAINERS
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
   category: str
@@ -297,7 +303,7 @@ def breakdown(op_seconds: Dict[str, float],
   secs: Dict[str, float] = collections.defaultdict(float)
   counts: Dict[str, int] = collections.defaultdict(int)
   for name, s in op_seconds.items():
-    if name in ops and ops[name].opcode not in _CONTAINERS:
+    if _charged(name, ops):
       cat = categorize(ops[name])
       secs[cat] += s
       counts[cat] += 1
@@ -311,7 +317,7 @@ def top_ops(op_seconds: Dict[str, float], ops: Dict[str, HloOp],
   """The ``n`` slowest instructions (loops and calls excluded):
   ``(name, category, seconds)``."""
   named = [(k, categorize(ops[k]), v) for k, v in op_seconds.items()
-           if k in ops and ops[k].opcode not in _CONTAINERS]
+           if _charged(k, ops)]
   return sorted(named, key=lambda r: -r[2])[:n]
 
 

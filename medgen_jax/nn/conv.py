@@ -191,6 +191,9 @@ def upsample_conv(x: jax.Array, kernel: jax.Array,
   b, *sizes, _ = x.shape
   co = kernel.shape[-1]
   k = phase_kernels(kernel).astype(x.dtype)
+  # Padded here rather than by the conv: a padded 2-wide conv's kernel
+  # gradient takes a generic XLA:CPU path (16->32 at 128 channels, batch 8:
+  # 1.06 s instead of 19 ms forward + backward).
   xp = jnp.pad(x, [(0, 0)] + [(1, 1)] * n + [(0, 0)])
   # Position r of the 2-wide valid conv reads input rows r - 1 and r: phase
   # 0 of output 2i + 0 sits at r = i, phase 1 of output 2i + 1 at r = i + 1.

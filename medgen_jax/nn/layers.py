@@ -187,7 +187,7 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype, silu):
     raise ValueError(f"{c} channels not divisible by {num_groups} groups")
   xf = x.reshape(b, -1, c).astype(jnp.float32)
   mean, inv = _group_stats(xf, num_groups, epsilon)
-  a, shift = _affine(mean, inv, scale, bias, c)
+  a, shift = _affine(*_per_channel(inv, mean, channels=c), scale, bias)
   y = xf * a[:, None, :] + shift[:, None, :]
   if silu:
     # As a division, which XLA counts as expensive and so materialises
@@ -197,9 +197,9 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype, silu):
   return y.reshape(x.shape).astype(dtype), (x, scale, bias, mean, inv)
 
 
-def _affine(mean, inv, scale, bias, channels):
-  """``y = x * a + shift`` coefficients ``[B, C]`` of the normalisation."""
-  inv_c, mean_c = _per_channel(inv, mean, channels=channels)
+def _affine(inv_c, mean_c, scale, bias):
+  """``y = x * a + shift`` coefficients ``[B, C]`` of the normalisation,
+  from the per-channel ``1 / std`` and mean ``[B, C]``."""
   a = inv_c * scale.astype(jnp.float32)
   return a, bias.astype(jnp.float32) - mean_c * a
 
@@ -211,8 +211,9 @@ def _group_norm_bwd(num_groups, epsilon, dtype, silu, residuals, g):
   xf = x.reshape(b, -1, c).astype(jnp.float32)
   gf = g.reshape(b, -1, c).astype(jnp.float32)
   count = xf.shape[1] * (c // num_groups)
+  inv_c, mean_c = _per_channel(inv, mean, channels=c)
   if silu:
-    a, shift = _affine(mean, inv, scale, bias, c)
+    a, shift = _affine(inv_c, mean_c, scale, bias)
     dy = gf * _silu_grad(xf * a[:, None, :] + shift[:, None, :])
   else:
     dy = gf
@@ -229,10 +230,9 @@ def _group_norm_bwd(num_groups, epsilon, dtype, silu, residuals, g):
   #    = dy * (inv * scale) + x * q + r, per (sample, channel).
   q = -inv * inv * mean_dxhat_xhat
   r = -inv * mean_dxhat - q * mean
-  inv_c, q_c, r_c = _per_channel(inv, q, r, channels=c)
+  q_c, r_c = _per_channel(q, r, channels=c)
   dx = (dy * (inv_c * scale_f)[:, None, :] + xf * q_c[:, None, :] +
         r_c[:, None, :])
-  mean_c, = _per_channel(mean, channels=c)
   dscale = jnp.sum((s2 - mean_c * s1) * inv_c, axis=0)
   dbias = jnp.sum(s1, axis=0)
   return (dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype),
