@@ -82,7 +82,7 @@ def run(config) -> Dict[str, Any]:
   }
 
   t = time.perf_counter()
-  compiled = trainer.jit_train_step(exp).lower(state, batch, rng).compile()
+  compiled = trainer.jit_train_step(exp).compile(state, batch, rng)
   res["compile_s"] = time.perf_counter() - t
   runtime.release_free_memory()  # as the trainer does after compiling
   res["flops_per_step"] = profiling.step_flops(exp.method, state, batch,

@@ -60,6 +60,7 @@ _INSTR = re.compile(
     r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
     r"(?P<opcode>[a-z][\w\-]*)\((?P<rest>.*)$")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
+_MODULE = re.compile(r"^HloModule\s+(?P<name>[\w.\-]+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,19 +106,30 @@ def _conv_geometry(shape: str, rest: str) -> Tuple[Tuple[int, ...],
   return win, out
 
 
+def _qualified(module: Optional[str], name: str) -> str:
+  """``module/name``: instruction names are unique only within a module."""
+  return f"{module}/{name}" if module else name
+
+
 def parse_hlo(text: str) -> Dict[str, HloOp]:
-  """All instructions of an HLO module's text, by name.
+  """All instructions of the HLO modules in ``text``, by ``module/name``
+  (by ``name`` alone in a text without an ``HloModule`` line).
 
   Fusions and other callers get the opcodes (and any convolution geometry)
   of the computations they call, so a fused convolution is still seen as
   one.
   """
-  comps: Dict[str, List[Tuple[str, str, str, str]]] = {}
-  current = None
+  comps: Dict[Tuple[Optional[str], str],
+              List[Tuple[str, str, str, str]]] = {}
+  module, current = None, None
   for line in text.splitlines():
+    header = _MODULE.match(line)
+    if header:
+      module, current = header.group("name"), None
+      continue
     c = _COMP.match(line)
     if c and "=" not in line.split("{")[0]:
-      current = c.group("name")
+      current = (module, c.group("name"))
       comps[current] = []
       continue
     m = _INSTR.match(line)
@@ -125,7 +137,7 @@ def parse_hlo(text: str) -> Dict[str, HloOp]:
       comps[current].append((m.group("name"), m.group("opcode"),
                              m.group("shape"), m.group("rest")))
   ops = {}
-  for instrs in comps.values():
+  for (mod, _), instrs in comps.items():
     for name, opcode, shape, rest in instrs:
       meta = re.search(r'op_name="([^"]*)"', rest)
       inner: List[str] = []
@@ -133,13 +145,14 @@ def parse_hlo(text: str) -> Dict[str, HloOp]:
       if opcode == "convolution":
         win, out = _conv_geometry(shape, rest)
       called = re.search(r"calls=%([\w.\-]+)", rest)
-      if called and called.group(1) in comps:
-        for _, o, s, r in comps[called.group(1)]:
+      if called and (mod, called.group(1)) in comps:
+        for _, o, sh, r in comps[(mod, called.group(1))]:
           inner.append(o)
           if o == "convolution":
-            win, out = _conv_geometry(s, r)
-      ops[name] = HloOp(name, opcode, shape, meta.group(1) if meta else "",
-                        tuple(inner), win, out)
+            win, out = _conv_geometry(sh, r)
+      ops[_qualified(mod, name)] = HloOp(
+          name, opcode, shape, meta.group(1) if meta else "", tuple(inner),
+          win, out)
   return ops
 
 
@@ -191,8 +204,8 @@ def _prod(xs: Iterable[int]) -> int:
 
 def trace_op_intervals(fn: Callable[[], object],
                        repeats: int = 1) -> List[Tuple[int, int, str]]:
-  """``(start_ns, end_ns, hlo instruction)`` of every instruction executed
-  while running ``fn`` ``repeats`` times under ``jax.profiler``."""
+  """``(start_ns, end_ns, "module/instruction")`` of every instruction
+  executed while running ``fn`` ``repeats`` times under ``jax.profiler``."""
   log_dir = tempfile.mkdtemp(prefix="medgen_profile_")
   try:
     jax.profiler.start_trace(log_dir)
@@ -208,7 +221,8 @@ def trace_op_intervals(fn: Callable[[], object],
     data = jax.profiler.ProfileData.from_file(files[0])
   finally:
     shutil.rmtree(log_dir, ignore_errors=True)
-  starts: Dict[str, List[Tuple[int, int]]] = collections.defaultdict(list)
+  starts: Dict[Tuple[Optional[str], str], List[Tuple[int, int]]] = (
+      collections.defaultdict(list))
   ends: Dict[str, List[int]] = collections.defaultdict(list)
   for plane in data.planes:
     for line in plane.lines:
@@ -216,12 +230,18 @@ def trace_op_intervals(fn: Callable[[], object],
         if event.name.startswith("end: "):
           ends[event.name[5:]].append(event.start_ns)
           continue
-        op = dict(event.stats).get("hlo_op")
+        stats = dict(event.stats)
+        op = stats.get("hlo_op")
         if op is not None:
-          starts[str(op)].append((event.start_ns, event.duration_ns))
+          module = stats.get("hlo_module")
+          starts[(module and str(module), str(op))].append(
+              (event.start_ns, event.duration_ns))
   intervals = []
-  for name, events in starts.items():
-    done = sorted(ends.get(name, ()))
+  for (module, op), events in starts.items():
+    # "end:" events name the instruction only; programs of one trace run
+    # one after the other, so the first end after a start is its own.
+    name = _qualified(module, op)
+    done = sorted(ends.get(op, ()))
     for start, duration in sorted(events):
       # An asynchronous thunk's event covers only its dispatch; it runs
       # until the first "end:" event after its start.

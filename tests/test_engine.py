@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from medgen_jax import commands
+from medgen_jax import profiling
 from medgen_jax.methods import base as methods
 from medgen_jax.train import checkpoint, trainer
 
@@ -166,3 +167,28 @@ def test_sigterm_checkpoints_the_current_step(tiny_config, tmp_path):
   assert "Interrupted at step" in out
   steps = checkpoint.manager(str(tmp_path), async_save=False).all_steps()
   assert len(steps) == 1 and steps[0] >= 3
+
+
+def test_cpu_train_step_is_two_programs_with_the_same_result(tiny_config):
+  exp = trainer.build_experiment(_config(tiny_config, num_steps=2))
+  step = trainer.jit_train_step(exp)
+  assert step.split  # DDPM exposes grad_step and apply_step; this is a CPU
+  state = trainer.init_state(exp)
+  batch = trainer.example_batch(exp.data, exp.mesh)
+  rng = jax.random.key(3)
+  ref_state, ref_m = jax.jit(exp.method.train_step)(state, batch, rng)
+  compiled = step.compile(state, batch, rng)
+  assert len(compiled.programs) == 2
+  # Both modules' instructions, kept apart although their names collide.
+  modules = {k.split("/")[0] for k in profiling.parse_hlo(compiled.as_text())}
+  assert len(modules) == 2
+  new_state, m = step(state, batch, rng)  # donates state
+  assert sorted(m) == sorted(ref_m) == ["grad_norm", "loss"]
+  for k in m:
+    np.testing.assert_allclose(m[k], ref_m[k], rtol=1e-6)
+  assert int(new_state.step) == 1
+  for a, b in zip(jax.tree.leaves((new_state.params, new_state.opt_state,
+                                   new_state.ema_params)),
+                  jax.tree.leaves((ref_state.params, ref_state.opt_state,
+                                   ref_state.ema_params))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -176,7 +176,8 @@ ENTRY %main (a: f32[2,4,4,3], b: f32[3,3,3,5]) -> f32[2,4,4,5] {
 }
 """
   ops = profiling.parse_hlo(text)
-  f = ops["f"]
+  assert set(ops) == {"m/a", "m/b", "m/f", "m/p0", "m/p1", "m/c"}
+  f = ops["m/f"]
   assert f.opcode == "fusion" and "convolution" in f.inner
   assert f.conv_window == (3, 3) and f.conv_out_spatial == (4, 4)
   assert f.op_name == "jit(f)/conv_general_dilated"
@@ -281,3 +282,17 @@ def test_profile_rows_add_up_to_at_most_the_wall_time(tiny_profile):
   assert 0 < sum(s for n, s in secs.items() if n in ops) <= wall
   assert sum(r.seconds for r in rows) <= wall
   assert "total (traced)" in profiling.format_table(rows)
+
+
+def test_parse_hlo_keeps_modules_apart():
+  one = """HloModule {m}
+
+ENTRY %main (a: f32[4]) -> f32[4] {{
+  %a = f32[4]{{0}} parameter(0)
+  ROOT %f = f32[4]{{0}} {op}(%a, %a)
+}}
+"""
+  ops = profiling.parse_hlo(one.format(m="jit_grads", op="add") + "\n" +
+                            one.format(m="jit_update", op="multiply"))
+  assert ops["jit_grads/f"].opcode == "add"
+  assert ops["jit_update/f"].opcode == "multiply"

@@ -37,6 +37,12 @@ class Method(Protocol):
              cond: Optional[Batch] = None) -> Batch:
     """``num`` samples, e.g. ``{"image": [num, H, W, C]}``; jit-able."""
 
+  # Optional: a method whose step is "gradients, then an update" can also
+  # expose the halves, ``grad_step(state, batch, rng) -> (grads, metrics)``
+  # and ``apply_step(state, grads) -> (state, metrics)``, with
+  # ``train_step`` their composition; the trainer then compiles them as two
+  # programs at once on CPUs (see ``trainer.TrainStep``).
+
 
 def available() -> Tuple[str, ...]:
   """Names of the built-in methods (one module each in this package)."""

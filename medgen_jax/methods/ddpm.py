@@ -6,7 +6,7 @@ Optional label conditioning with classifier-free guidance (Ho & Salimans,
 unconditional predictions with ``config.sample.guidance_scale``.
 """
 
-from typing import Mapping, Optional, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,8 @@ from medgen_jax.train import microbatch
 from medgen_jax.train import optim
 from medgen_jax.train.optim import make_optimizer
 from medgen_jax.train.state import TrainState, apply_gradients, create_state
+
+PyTree = Any
 
 
 class DDPM:
@@ -116,20 +118,34 @@ class DDPM:
     """
     return self.loss_given(params, batch, self.draw(rng, batch), train)
 
-  def train_step(self, state: TrainState, batch: Batch,
-                 rng: jax.Array) -> Tuple[TrainState, Metrics]:
-    """One optimizer step over ``self.microbatches`` microbatches; pure and
-    jit-able."""
+  def grad_step(self, state: TrainState, batch: Batch,
+                rng: jax.Array) -> Tuple[PyTree, Metrics]:
+    """The first half of :meth:`train_step`: the loss's gradients with
+    respect to ``state.params``, accumulated over ``self.microbatches``
+    microbatches, and ``{"loss"}``; pure and jit-able."""
     loss, grads = microbatch.mean_value_and_grad(
         lambda p, xs: self.loss_given(p, *xs), state.params,
         (batch, self.draw(rng, batch)), self.microbatches)
+    return grads, {"loss": loss.astype(jnp.float32)}
+
+  def apply_step(self, state: TrainState,
+                 grads: PyTree) -> Tuple[TrainState, Metrics]:
+    """The second half of :meth:`train_step`: the optimizer update and EMA,
+    and ``{"grad_norm"}``; pure and jit-able."""
     # The same dot products as the gradient clip's norm, so with clipping
     # on XLA computes them once.
     grad_norm = optim.global_norm(grads)
     state = apply_gradients(state, self.tx, grads, ema=self.config.train.ema,
                             ema_warmup=self.config.train.ema_warmup)
-    return state, {"loss": loss.astype(jnp.float32),
-                   "grad_norm": grad_norm.astype(jnp.float32)}
+    return state, {"grad_norm": grad_norm.astype(jnp.float32)}
+
+  def train_step(self, state: TrainState, batch: Batch,
+                 rng: jax.Array) -> Tuple[TrainState, Metrics]:
+    """One optimizer step over ``self.microbatches`` microbatches; pure and
+    jit-able."""
+    grads, metrics = self.grad_step(state, batch, rng)
+    state, more = self.apply_step(state, grads)
+    return state, {**metrics, **more}
 
   def sample(self, state: TrainState, rng: jax.Array, num: int,
              cond: Optional[Union[Batch, jax.Array]] = None) -> Batch:
