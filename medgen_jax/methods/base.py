@@ -40,8 +40,9 @@ class Method(Protocol):
   # Optional: a method whose step is "gradients, then an update" can also
   # expose the halves, ``grad_step(state, batch, rng) -> (grads, metrics)``
   # and ``apply_step(state, grads) -> (state, metrics)``, with
-  # ``train_step`` their composition; the trainer then compiles them as two
-  # programs at once on CPUs (see ``trainer.TrainStep``).
+  # ``train_step`` their composition; on CPUs the trainer then runs them as
+  # two programs and compiles the update beside the gradients (see
+  # ``trainer.TrainStep``).
 
 
 def available() -> Tuple[str, ...]:

@@ -128,10 +128,8 @@ class TrainStep:
     repl = sharding_lib.replicated(exp.mesh)
     options = runtime.train_step_compiler_options(
         getattr(method, "microbatches", 1))
-    self.split = (jax.default_backend() == "cpu" and
-                  hasattr(method, "grad_step") and
-                  hasattr(method, "apply_step"))
-    if self.split:
+    if (jax.default_backend() == "cpu" and hasattr(method, "grad_step") and
+        hasattr(method, "apply_step")):
       self.jitted = (
           jax.jit(method.grad_step, in_shardings=(state_sh, batch_sh, repl),
                   out_shardings=(state_sh.params, repl),
@@ -146,6 +144,11 @@ class TrainStep:
           out_shardings=(state_sh, repl), donate_argnums=(0,),
           compiler_options=options),)
     self._compiled = False
+
+  @property
+  def split(self) -> bool:
+    """The step runs as a gradient program and an update program."""
+    return len(self.jitted) == 2
 
   def compile(self, state: PyTree, batch: PyTree,
               rng: jax.Array) -> CompiledStep:
