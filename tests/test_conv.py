@@ -141,8 +141,16 @@ def test_phase_kernels_add_the_taps_that_read_the_same_input():
     for q in (0, 1):
       want = np.outer(rows[p], cols[q])
       np.testing.assert_allclose(pk[:, :, 0, 2 * p + q], want)
+  # The reversed order (upsample_conv's) lists phase 1 first on every axis.
+  rev = conv.phase_kernels(k, order=(1, 0))
+  for j in (0, 1):
+    for l in (0, 1):
+      np.testing.assert_allclose(rev[:, :, 0, 2 * j + l],
+                                 pk[:, :, 0, 2 * (1 - j) + (1 - l)])
   with pytest.raises(ValueError, match="3-wide"):
     conv.phase_kernels(jnp.ones((1, 1, 2, 2)))
+  with pytest.raises(ValueError, match="order"):
+    conv.phase_kernels(k, order=(0, 0))
 
 
 def test_upsample_layer_keeps_its_parameters_and_values():
