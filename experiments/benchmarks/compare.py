@@ -4,10 +4,12 @@ r"""Alternating JAX vs PyTorch benchmark of the same DDPM U-Net on this CPU.
 
 Each round runs ``python -m medgen_jax.bench`` (configs/ddpm.py with
 arch=ref6m: ch 64, (1,2,2), 2 res blocks, GroupNorm 32, batch 32, 1x32x32)
-and then ``torch_unet.py`` with the same architecture, each in a fresh
-process, so slow drifts of a noisy machine hit both alike. Prints the median
-train-step and sampling-step times of each framework and the JAX/PyTorch
-ratios (below 1 means JAX is faster). Needs ``pip install torch==2.13.0``.
+and ``torch_unet.py`` with the same architecture, each in a fresh process and
+in alternating order (JAX first in even rounds), so slow drifts of a noisy
+machine hit both alike. Prints the median train-step and sampling-step times
+of each framework, their JAX/PyTorch ratios (below 1 means JAX is faster),
+and the ratios within each round with their median, which a drift between
+rounds does not move. Needs ``pip install torch==2.13.0``.
 """
 
 import argparse
@@ -62,8 +64,12 @@ def main():
   jax_train, jax_sample, torch_train, torch_sample = [], [], [], []
   jax_rss, torch_rss, compile_s = [], [], []
   for r in range(a.rounds):
-    j = run_jax(a.config, a.steps, a.jax_flags)
-    t = run_torch(a.steps, a.torch_flags)
+    if r % 2 == 0:
+      j = run_jax(a.config, a.steps, a.jax_flags)
+      t = run_torch(a.steps, a.torch_flags)
+    else:
+      t = run_torch(a.steps, a.torch_flags)
+      j = run_jax(a.config, a.steps, a.jax_flags)
     jax_train.append(j["step_s_median"])
     jax_sample.append(j["sample_s_per_denoise_step"])
     jax_rss.append(j["peak_rss_mb"])
@@ -85,6 +91,11 @@ def main():
   for name, jv, tv in rows:
     print(f"{name:32}{jv:10.3f}{tv:10.3f}{jv / tv:9.2f}")
   print(f"{'JAX compile (s)':32}{med(compile_s):10.2f}")
+  for name, js, ts in (("train", jax_train, torch_train),
+                       ("sampling", jax_sample, torch_sample)):
+    ratios = [x / y for x, y in zip(js, ts)]
+    print(f"{name} JAX/PT per round: " +
+          " ".join(f"{q:.2f}" for q in ratios) + f" (median {med(ratios):.2f})")
   if "profile_table" in j:
     print("\nJAX training step by op category (last round):\n" +
           j["profile_table"])
