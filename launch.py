@@ -60,8 +60,9 @@ def main(argv):
   runtime.use_huge_pages()
 
   config = _CONFIG.value
-  # Cluster schedulers pre-empt with SIGTERM: treat it like Ctrl-C so the
-  # trainer checkpoints the current step before exiting.
+  # Cluster schedulers pre-empt with SIGTERM: treat it like Ctrl-C. While
+  # training, the trainer holds both back until the running step is done and
+  # then checkpoints it (see medgen_jax/train/interrupts.py).
   signal.signal(signal.SIGTERM, _raise_interrupt)
   runtime.setup(config)
   try:

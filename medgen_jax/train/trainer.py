@@ -29,6 +29,7 @@ from medgen_jax.data import pipeline
 from medgen_jax.eval import registry as eval_registry
 from medgen_jax.methods import base as methods
 from medgen_jax.train import checkpoint
+from medgen_jax.train import interrupts as interrupts_lib
 from medgen_jax.train import sharding as sharding_lib
 
 PyTree = Any
@@ -289,60 +290,69 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   collection, acc, last = None, None, {}
   samples: List[str] = []
   t0 = time.time()
-  step = start
+  done = start  # the last step whose state `state` holds
   batches = runtime.progress(
       pipeline.prefetch_to_mesh(exp.data.batcher, start, tc.num_steps,
                                 exp.mesh),
       total=tc.num_steps, initial=start, desc="train")
-  try:
-    for step, batch in enumerate(batches, start=start + 1):
-      rng = jax.random.fold_in(exp.train_rng, step)
-      state, m = train_step(state, batch, rng)
-      if step == start + 1:
-        runtime.release_free_memory()  # the compiler's scratch
-      if collection is None:
-        collection = _average_metrics(sorted(m))
-      one = collection.single_from_model_output(**m)
-      acc = one if acc is None else acc.merge(one)
-      report(step)
-      if step % tc.log_every == 0 or step == tc.num_steps:
-        last = {k: float(v) for k, v in acc.compute().items()}
-        acc = None
-        if not all(np.isfinite(v) for v in last.values()):
-          raise NonFiniteLossError(
-              f"non-finite training metrics at step {step}: {last}. The last "
-              f"good checkpoint is step {mngr.latest_step()} in {workdir}; "
-              "lower optim.lr, keep optim.grad_clip > 0, or check the data "
-              "normalisation.")
-        writer.write_scalars(step, last)
-        _append_jsonl(jsonl, {"step": step, "split": "train", **last})
-      if step % tc.ckpt_every == 0 or step == tc.num_steps:
-        with report.timed("checkpoint"):
-          checkpoint.save(mngr, step, state, meta)
-      if tc.sample_every and (step % tc.sample_every == 0 or
-                              step == tc.num_steps):
-        with report.timed("sample"):
-          path = os.path.join(workdir, "samples", f"step_{step}.png")
-          grid = write_sample_grid(exp, state, sample_fn, path,
-                                   tc.num_grid_samples)
-          writer.write_images(step, {"samples": grid[None]})
-          samples.append(path)
-      due = [e for e in evaluators if e.due(step, tc.num_steps)]
-      if due:
-        with report.timed("eval"):
-          eval_registry.evaluate_and_write(due, exp.method, state, step,
-                                           workdir, writer)
-  except KeyboardInterrupt:
-    # Ctrl-C, or SIGTERM (launch.py turns it into KeyboardInterrupt): keep
-    # the work done so far.
-    logging.warning("Interrupted at step %d; saving a checkpoint.", step)
-    if step > (mngr.latest_step() or 0):
-      checkpoint.save(mngr, step, state, meta)
-    raise
-  finally:
-    mngr.wait_until_finished()
-    writer.flush()
-  return {"step": int(step), "metrics": last, "seconds": time.time() - t0,
+  interrupts = interrupts_lib.Interrupts()
+  with interrupts:
+    try:
+      for step, batch in enumerate(batches, start=start + 1):
+        # A signal waits for the step, its metrics and its checkpoint: the
+        # step donates the old state, so stopping inside it could leave
+        # nothing to save.
+        with interrupts.deferred():
+          rng = jax.random.fold_in(exp.train_rng, step)
+          state, m = train_step(state, batch, rng)
+          done = step
+          if step == start + 1:
+            runtime.release_free_memory()  # the compiler's scratch
+          if collection is None:
+            collection = _average_metrics(sorted(m))
+          one = collection.single_from_model_output(**m)
+          acc = one if acc is None else acc.merge(one)
+          report(step)
+          if step % tc.log_every == 0 or step == tc.num_steps:
+            last = {k: float(v) for k, v in acc.compute().items()}
+            acc = None
+            if not all(np.isfinite(v) for v in last.values()):
+              raise NonFiniteLossError(
+                  f"non-finite training metrics at step {step}: {last}. The "
+                  f"last good checkpoint is step {mngr.latest_step()} in "
+                  f"{workdir}; lower optim.lr, keep optim.grad_clip > 0, or "
+                  "check the data normalisation.")
+            writer.write_scalars(step, last)
+            _append_jsonl(jsonl, {"step": step, "split": "train", **last})
+          if step % tc.ckpt_every == 0 or step == tc.num_steps:
+            with report.timed("checkpoint"):
+              checkpoint.save(mngr, step, state, meta)
+        if tc.sample_every and (step % tc.sample_every == 0 or
+                                step == tc.num_steps):
+          with report.timed("sample"):
+            path = os.path.join(workdir, "samples", f"step_{step}.png")
+            grid = write_sample_grid(exp, state, sample_fn, path,
+                                     tc.num_grid_samples)
+            writer.write_images(step, {"samples": grid[None]})
+            samples.append(path)
+        due = [e for e in evaluators if e.due(step, tc.num_steps)]
+        if due:
+          with report.timed("eval"):
+            eval_registry.evaluate_and_write(due, exp.method, state, step,
+                                             workdir, writer)
+    except KeyboardInterrupt:
+      # Ctrl-C, or SIGTERM (a scheduler's pre-emption): keep the work done
+      # so far. Further signals wait for the save.
+      logging.warning("Interrupted at step %d; saving a checkpoint.", done)
+      with interrupts.deferred():
+        if done > (mngr.latest_step() or 0):
+          checkpoint.save(mngr, done, state, meta)
+      raise
+    finally:
+      with interrupts.deferred():
+        mngr.wait_until_finished()
+        writer.flush()
+  return {"step": int(done), "metrics": last, "seconds": time.time() - t0,
           "samples": samples, "workdir": workdir}
 
 
