@@ -211,3 +211,45 @@ def test_mini_study_resumes_without_recomputing(mini_study):
   out = commands.run("study", c, workdir)
   assert open(path).read() == before
   assert out["timings"]["downstream"] < 30.0
+
+
+def test_mini_study_reruns_a_cell_scored_with_other_settings(mini_study):
+  c, workdir, _ = mini_study
+  path = os.path.join(workdir, "results.jsonl")
+  lines = open(path).read().splitlines()
+  rows = [json.loads(l) for l in lines]
+  i = next(k for k, r in enumerate(rows)
+           if r["task"] == "classification" and r["arm"] == "real+ddpm")
+  tampered = dict(rows[i], inputs="from-other-settings",
+                  seed_scores=[{"auc": -1.0}])
+  with open(path, "w") as f:
+    f.writelines(l + "\n" for l in lines[:i] + [
+        json.dumps(tampered, sort_keys=True)] + lines[i + 1:])
+  commands.run("study", c, workdir)
+  after = open(path).read().splitlines()
+  # Every other line kept verbatim; the stale one scored again, the same.
+  assert sorted(set(after) - set(lines)) == [after[-1]]
+  assert set(lines) - set(after) == {lines[i]}
+  fresh = json.loads(after[-1])
+  assert fresh["inputs"] == rows[i]["inputs"]
+  assert (fresh["task"], fresh["fraction"], fresh["arm"]) == (
+      rows[i]["task"], rows[i]["fraction"], rows[i]["arm"])
+  for got, want in zip(fresh["seed_scores"], rows[i]["seed_scores"]):
+    assert got["auc"] == pytest.approx(want["auc"], abs=1e-6)
+
+
+def test_cell_inputs_change_with_what_a_cell_depends_on():
+  c = study_config.get_config("runlocal")
+  base = study_lib.cell_inputs(c, "classification", "abc")
+  assert study_lib.cell_inputs(c, "classification", "abc") == base
+  assert study_lib.cell_inputs(c, "classification", "abd") != base
+  other = c.copy_and_resolve_references()
+  other.study.tasks.classification.steps += 1
+  assert study_lib.cell_inputs(other, "classification", "abc") != base
+  other = c.copy_and_resolve_references()
+  other.augment.flip_prob += 0.1
+  assert study_lib.cell_inputs(other, "classification", "abc") != base
+  # Adding fractions or arms does not invalidate finished cells.
+  other = c.copy_and_resolve_references()
+  other.study.fractions = other.study.fractions + (0.25,)
+  assert study_lib.cell_inputs(other, "classification", "abc") == base

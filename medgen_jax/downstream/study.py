@@ -14,6 +14,7 @@ it stopped:
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -163,8 +164,12 @@ def make_synthetic(config, workdir: str, gens: Dict[str, Dict[str, Any]]
   for run, g in gens.items():
     directory = os.path.join(workdir, "synthetic", run)
     prov_path = os.path.join(directory, "provenance.json")
+    # The whole generator config (model, sampler, ...) as provenance.json
+    # records it: changing the sampler resamples.
     want = dict(per_class=sc.synthetic_per_class, seed=sc.synthetic_seed,
-                checkpoint_step=int(g["config"].train.num_steps))
+                checkpoint_step=int(g["config"].train.num_steps),
+                generator_config=json.loads(json.dumps(
+                    g["config"].to_dict(), default=str)))
     if os.path.exists(prov_path):
       with open(prov_path) as f:
         prov = json.load(f)
@@ -199,9 +204,31 @@ def _gen_for(arm: ArmSpec, fraction: float, config) -> Optional[str]:
   return arm.generator
 
 
+def _cell_key(record: Dict[str, Any]) -> Tuple[str, float, str]:
+  return record["task"], record["fraction"], record["arm"]
+
+
 def _done_cells(path: str) -> Dict[Tuple[str, float, str], Dict[str, Any]]:
   """Finished cells of ``results.jsonl``; a line cut by a kill reruns."""
-  return {(r["task"], r["fraction"], r["arm"]): r for r in jsonl.read(path)}
+  return {_cell_key(r): r for r in jsonl.read(path)}
+
+
+def cell_inputs(config: ml_collections.ConfigDict, task_name: str,
+                synthetic_fingerprint: str = "") -> str:
+  """A hash of everything a cell's scores depend on besides its
+  ``(task, fraction, arm)``: data, seeds, task and augmentation settings and
+  (for synthetic arms) the synthetic set itself. A rerun reuses a stored
+  cell only when this matches, so changing a setting or a generator in an
+  existing workdir never mixes old scores into the report."""
+  sc = config.study
+  parts = dict(seed=config.seed, data=config.data.to_dict(),
+               augment=config.augment.to_dict(),
+               task=sc.tasks[task_name].to_dict(),
+               study={k: sc[k] for k in ("num_seeds", "synthetic_ratio",
+                                         "test_split", "generator_data")},
+               synthetic=synthetic_fingerprint)
+  text = json.dumps(parts, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def summarize(values: Sequence[float]) -> Dict[str, float]:
@@ -243,7 +270,19 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
   train = real[config.data.train_split]
   per_fraction = sc.generator_data == "per_fraction"
   seed_of = [0 if per_fraction else s for s in range(sc.num_seeds)]
+  synthetic_fps = {k: encoder_lib.fingerprint(v) for k, v in synthetic.items()}
+
+  def inputs(task_name, fraction, arm):
+    gen = _gen_for(arm, fraction, config)
+    return cell_inputs(config, task_name, synthetic_fps[gen] if gen else "")
+
   cells = [(t, f, a) for t in sc.tasks for f in sc.fractions for a in arms]
+  stale = [(t, f, a) for t, f, a in cells if (t, f, a.name) in done and
+           done[(t, f, a.name)].get("inputs") != inputs(t, f, a)]
+  for t, f, a in stale:
+    logging.warning("%s: cell %s f=%g %s was scored with other settings or "
+                    "another synthetic set; rerunning it", path, t, f, a.name)
+    del done[(t, f, a.name)]
   todo = [c for c in cells if (c[0], c[1], c[2].name) not in done]
   results = [done[(t, f, a.name)] for t, f, a in cells
              if (t, f, a.name) in done]
@@ -308,9 +347,11 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
         real_subjects=[int(len(np.unique(train["subject_id"][index[s, :c]])))
                        for s, c in enumerate(count)],
         final_loss=float(losses[-max(1, len(losses) // 10):].mean()),
-        seconds=time.time() - t0)
-    with open(path, "a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+        seconds=time.time() - t0,
+        inputs=inputs(task_name, fraction, arm))
+    # Replaces a stale line of this cell, keeps every other line.
+    key = _cell_key(record)
+    jsonl.rewrite(path, lambda r, key=key: _cell_key(r) != key, append=record)
     results.append(record)
   return results
 
