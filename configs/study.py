@@ -65,6 +65,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   gen.data = common.data_config(res=a.res, contrasts=contrasts, cond="label",
                                 batch_size=64 if big else 16)
   gen.data.mask_channels = ("lesion_mask",)
+  # v-prediction: with the cosine schedule an eps model's x0 estimates at
+  # low SNR are its errors times 1/sqrt(alpha_bar), and its samples had the
+  # wrong global structure (21% background pixels in FLAIR against 58% in
+  # the real slices, speckled masks on both classes); a v model matches the
+  # real background, brain intensities and empty no-lesion masks.
+  gen.method.prediction = "v"
   if big:
     gen.model.update(num_groups=32)
     gen.train.update(num_steps=a.gen_steps or 40_000, sample_every=5_000,
@@ -74,15 +80,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                      attn_resolutions=(), num_groups=8)
     gen.optim.update(lr=1e-3, warmup_steps=50, schedule="cosine",
                      final_lr_frac=0.1)
-    gen.train.update(num_steps=a.gen_steps or 1500, sample_every=0,
+    # 4000 steps: at 1500 the v model drew no lesions even with guidance.
+    gen.train.update(num_steps=a.gen_steps or 4000, sample_every=0,
                      ckpt_every=250, log_every=50, ema=0.995, ema_warmup=50)
-  # guidance_scale=0: the plain conditional model (no doubled batch); a
-  # small model's samples do not improve with stronger guidance. eta=1: the
-  # short-trained CPU model's deterministic DDIM samples keep much of their
-  # initial noise (speckled masks); fresh noise in every step, as in the
-  # ancestral sampler, gives clean brain-shaped samples at the same cost.
+  # Classifier-free guidance makes the small CPU model draw the lesions its
+  # label asks for: of 64 lesion-class samples, 11% had a lesion mask at
+  # w=0, 73% at w=2, 92% at w=3 (median area 6 px, as in the real slices)
+  # and 100% at w=4 (10 px); no-lesion samples stayed empty at every w. The
+  # guided call doubles the sampling batch. eta=1: fresh noise in every
+  # step, as in the ancestral sampler, for the short-trained CPU model.
   gen.sample.update(steps=50 if big else 25, eta=0.0 if big else 1.0,
-                    guidance_scale=1.0 if big else 0.0, batch_size=128)
+                    guidance_scale=1.0 if big else 3.0, batch_size=128)
   c.generators = ml_collections.ConfigDict(dict(ddpm=gen))
 
   steps = a.task_steps or (2000 if big else 200)
