@@ -87,6 +87,27 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(
   assert [r["step"] for r in _jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_resume_with_another_model_config_names_the_change(tiny_config,
+                                                           tmp_path):
+  trainer.train(_config(tiny_config, num_steps=2), str(tmp_path))
+  before = (tmp_path / "config.json").read_text()
+  other = _config(tiny_config, num_steps=4)
+  other.model.ch = tiny_config.model.ch // 2
+  # Fails on the checkpoint's metadata, before any array is read.
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r"step 2 .* arrays differ, e.g. .*kernel: "
+                           r"checkpoint \(.*Changed since: model\.ch "
+                           rf"{tiny_config.model.ch} -> {other.model.ch}, "
+                           r"train\.num_steps 2 -> 4\."):
+    trainer.train(other, str(tmp_path))
+  # The record of the run and its checkpoint are untouched.
+  assert (tmp_path / "config.json").read_text() == before
+  assert checkpoint.manager(str(tmp_path), async_save=False).all_steps() == [2]
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="does not fit"):
+    trainer.load_for_sampling(other, str(tmp_path))
+  assert _params(tmp_path, _config(tiny_config, num_steps=2))[0] == 2
+
+
 def test_checkpoint_refuses_non_finite_params(tmp_path):
   state = type("S", (), {"params": {"w": jnp.array([1.0, jnp.inf])}})()
   mngr = checkpoint.manager(str(tmp_path), async_save=False)

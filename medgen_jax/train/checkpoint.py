@@ -54,6 +54,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: PyTree,
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+  check_fits(mngr, step, abstract_state)
   target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, shardings)
@@ -66,6 +67,59 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: PyTree,
         f"{type(e).__name__}: {e}. If the model config changed since it was "
         "written, use a new --workdir.") from e
   return step, out.state, dict(out.meta)
+
+
+class CheckpointMismatchError(ValueError):
+  """The stored state does not have the structure or shapes the config
+  builds (typically: the model or optimizer config changed)."""
+
+
+def _path_str(path) -> str:
+  """``params/Conv_0/kernel`` for a key path of dicts, dataclasses or lists
+  (orbax stores a ``TrainState`` as nested dicts of its fields)."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _shapes(tree: PyTree) -> Dict[str, Tuple[int, ...]]:
+  return {_path_str(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_fits(mngr: ocp.CheckpointManager, step: int,
+               abstract_state: PyTree, show: int = 5) -> None:
+  """Raises :class:`CheckpointMismatchError` when checkpoint ``step`` holds
+  other arrays or shapes than ``abstract_state``, naming the first ``show``.
+
+  Reads only the checkpoint's metadata, so a wrong config fails with this
+  message before any array is read. Dtypes may differ (orbax casts).
+  """
+  path = os.path.join(str(mngr.directory), str(step), "state")
+  try:
+    stored = _shapes(ocp.StandardCheckpointer().metadata(path).item_metadata)
+  except Exception:  # pylint: disable=broad-except
+    return  # no readable metadata: the restore itself reports problems.
+  wanted = _shapes(abstract_state)
+  problems = [f"{k}: checkpoint {stored[k]}, config {wanted[k]}"
+              for k in sorted(wanted) if k in stored and stored[k] != wanted[k]]
+  problems += [f"{k}: not in the checkpoint"
+               for k in sorted(set(wanted) - set(stored))]
+  problems += [f"{k}: in the checkpoint, not built by the config"
+               for k in sorted(set(stored) - set(wanted))]
+  if problems:
+    more = f" (and {len(problems) - show} more)" if len(problems) > show else ""
+    raise CheckpointMismatchError(
+        f"checkpoint step {step} in {mngr.directory} does not fit this "
+        f"config: {len(problems)} of {len(wanted)} arrays differ, e.g. "
+        + "; ".join(problems[:show]) + more + ". The run's own settings are "
+        "in the workdir's config.json.")
 
 
 @jax.jit

@@ -203,6 +203,33 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:
+  if not isinstance(node, dict):
+    return {prefix: node}
+  out = {}
+  for k, v in node.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def changed_settings(config_path: str, config: ml_collections.ConfigDict,
+                     show: int = 8) -> str:
+  """``"model.ch 16 -> 8, ..."``: the keys of ``config`` that differ from the
+  ``config.json`` an earlier run wrote (``"unknown"`` without one)."""
+  try:
+    with open(config_path) as f:
+      old = _flat(json.load(f))
+  except (OSError, ValueError):
+    return "unknown (no readable config.json)"
+  new = _flat(json.loads(json.dumps(config.to_dict(), default=str)))
+  diffs = [f"{k} {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}"
+           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  if not diffs:
+    return "no setting"
+  more = f" (and {len(diffs) - show} more)" if len(diffs) > show else ""
+  return ", ".join(diffs[:show]) + more
+
+
 def _truncate_jsonl(path: str, last_step: int) -> None:
   """Drops lines written after ``last_step`` by a run that was killed.
 
@@ -257,10 +284,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
   exp = build_experiment(config)
   mngr = checkpoint.manager(workdir, keep=tc.keep_ckpts)
-  start, state = restore_or_init(exp, mngr)
+  config_path = os.path.join(workdir, "config.json")
+  try:
+    start, state = restore_or_init(exp, mngr)
+  except checkpoint.CheckpointMismatchError as e:
+    raise checkpoint.CheckpointMismatchError(
+        f"{e} Changed since: {changed_settings(config_path, config)}. Use a "
+        "new --workdir, or the checkpoint's settings.") from None
+  # Written once the checkpoint is known to fit: a refused resume keeps the
+  # record of the settings that produced it.
+  _write_json(config_path, config.to_dict())
   meta = checkpoint_meta(exp)
   _write_json(os.path.join(workdir, "data_stats.json"), meta)
   jsonl = os.path.join(workdir, "metrics.jsonl")
