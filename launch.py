@@ -19,6 +19,7 @@ Modes:
           DIR/inspect/<dataset>_grid.png with the masks overlaid.
 """
 
+import ast
 import os
 import signal
 import sys
@@ -50,6 +51,25 @@ def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt(f"received signal {signum}")
 
 
+def _parse_flags(argv):
+  """absl's parser, plus a one-line error for a ``--config.<key>`` override of
+  a key the config does not have (ml_collections raises AttributeError or
+  KeyError, with a "did you mean" hint, from inside flag parsing)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    detail = str(e.args[0] if e.args else e)
+    for _ in range(2):  # the hint arrives as the repr of a KeyError's repr.
+      try:
+        detail = str(ast.literal_eval(detail))
+      except (ValueError, SyntaxError):
+        break
+    detail = " ".join(detail.split())
+    given = [a for a in argv[1:] if a.startswith("--config.")]
+    sys.exit(f"error: a --config override names no key of the config "
+             f"({' '.join(given)}): {detail}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -76,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -71,7 +71,11 @@ def test_launch_rejects_unknown_override_before_compiling(tmp_path):
   r = _launch("--config=configs/ddpm.py:runlocal", "--config.train.num_stepz=5",
               f"--workdir={tmp_path}")
   assert r.returncode != 0
-  assert "num_stepz" in r.stderr
+  # One line naming the override and the key it probably meant.
+  assert ("error: a --config override names no key of the config "
+          "(--config.train.num_stepz=5): 'num_stepz' Did you mean "
+          '"num_steps"') in r.stderr
+  assert "Traceback" not in r.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
