@@ -74,6 +74,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       steps=50,
       eta=0.0,
       guidance_scale=1.0,       # 0 = unguided conditional model
+      guidance_per_class=(),    # one w per class; () = guidance_scale for all
       num=64,
       batch_size=64,
   ))

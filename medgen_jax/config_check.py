@@ -102,6 +102,11 @@ def method_errors(config: ml_collections.ConfigDict,
     _one_of(errors, "method.prediction", me.prediction, ("eps", "v"))
     _one_of(errors, "sample.sampler", s.sampler, ("ddpm", "ddim"))
     _positive(errors, "method.timesteps", me.timesteps)
+    per_class = tuple(s.get("guidance_per_class", ()) or ())
+    if per_class and (d.cond != "label" or len(per_class) != d.num_classes):
+      errors.append(f"sample.guidance_per_class={per_class} needs "
+                    f"data.cond='label' and one scale per class "
+                    f"(data.num_classes={d.num_classes})")
     if s.sampler == "ddim" and not 0 < s.steps <= me.timesteps:
       errors.append(f"sample.steps={s.steps} must be in [1, "
                     f"method.timesteps={me.timesteps}]")

@@ -43,9 +43,11 @@ def test_validate_lists_every_problem():
   c.data.res = 33          # not divisible by 2
   c.method.prediction = "x"
   c.model.num_groups = 3   # does not divide 16
+  c.sample.guidance_per_class = (0.0, 3.0)  # an unconditional model
   with pytest.raises(config_check.ConfigError) as e:
     config_check.validate(c, num_devices=3)
   msg = str(e.value)
+  assert "sample.guidance_per_class=(0.0, 3.0) needs data.cond='label'" in msg
   assert "data.res=33" in msg
   assert "method.prediction='x'" in msg
   assert "model.num_groups=3" in msg

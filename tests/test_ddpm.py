@@ -119,6 +119,30 @@ def test_sample_conditional(trained):
   assert not np.allclose(out["image"][0], out2["image"][0], atol=1e-3)
 
 
+def test_guidance_per_class_guides_each_example_by_its_label(trained):
+  state, batch = trained["state"], trained["batch"]
+  cond = {"label": np.array([0, 1, 0, 1], np.int32)}
+
+  def images(**sample):
+    config = _tiny_config()
+    config.sample.update(**sample)
+    method = ddpm.make(config, batch)
+    return np.asarray(jax.jit(method.sample, static_argnums=2)(
+        state, jax.random.key(0), 4, cond)["image"])
+
+  mixed = images(guidance_per_class=(0.0, 2.0))
+  unguided, guided = images(guidance_scale=0.0), images(guidance_scale=2.0)
+  # Samples depend only on their own noise, label and w (eta=0).
+  np.testing.assert_allclose(mixed[0::2], unguided[0::2], atol=1e-5)
+  np.testing.assert_allclose(mixed[1::2], guided[1::2], atol=1e-5)
+  assert not np.allclose(guided[0::2], unguided[0::2], atol=1e-3)
+  sample_config = _tiny_config().sample
+  assert ddpm.guidance_scales(sample_config, 2) == (1.0, 1.0)
+  sample_config.guidance_per_class = (1.0,)
+  with pytest.raises(ValueError, match="one scale per class"):
+    ddpm.guidance_scales(sample_config, 2)
+
+
 def test_ddpm_sampler_and_no_ema_shapes(trained):
   config = _tiny_config()
   config.sample.update(sampler="ddpm", guidance_scale=0.0)

@@ -225,5 +225,9 @@ def test_guidance_uses_one_batched_call():
     np.testing.assert_allclose(out, uncond + (1 + w) * (cond - uncond),
                                rtol=1e-6)
   assert calls == [6, 6]
+  w = jnp.array([0.0, 1.5, 3.0])  # one scale per example
+  out = samplers.guided_denoise_fn(model_fn, y, w, null_label=2)(x, t)
+  np.testing.assert_allclose(
+      out, uncond + (1 + w[:, None, None, None]) * (cond - uncond), rtol=1e-6)
   np.testing.assert_allclose(
       samplers.guided_denoise_fn(model_fn, y, 0.0, null_label=2)(x, t), cond)

@@ -11,7 +11,7 @@ condition. Guiding the raw output is the same for eps, v and x0 predictions
 because each is affine in the others with weights that sum to one.
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -149,7 +149,8 @@ def drop_labels(rng: jax.Array, labels: jax.Array, p_uncond: float,
 
 def guided_denoise_fn(model_fn: Callable[[jax.Array, jax.Array, jax.Array],
                                          jax.Array],
-                      labels: jax.Array, guidance_scale: float,
+                      labels: jax.Array,
+                      guidance_scale: Union[float, jax.Array],
                       null_label: int) -> DenoiseFn:
   """Classifier-free guided ``denoise_fn`` for a label-conditional model.
 
@@ -159,7 +160,8 @@ def guided_denoise_fn(model_fn: Callable[[jax.Array, jax.Array, jax.Array],
   Args:
     model_fn: ``(x_t [B, ...], t [B], y [B]) -> output [B, ...]``.
     labels: ``[B]`` int labels to condition on.
-    guidance_scale: ``w``; ``0`` gives the conditional output.
+    guidance_scale: ``w``, a number or one per example ``[B]``; ``0``
+      gives the conditional output.
     null_label: the "no condition" class index.
 
   Returns:
@@ -170,6 +172,8 @@ def guided_denoise_fn(model_fn: Callable[[jax.Array, jax.Array, jax.Array],
   def denoise_fn(x: jax.Array, t: jax.Array) -> jax.Array:
     out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y)
     out_c, out_u = jnp.split(out, 2)
-    return out_u + (1.0 + guidance_scale) * (out_c - out_u)
+    w = jnp.asarray(guidance_scale, out.dtype)
+    w = w.reshape(w.shape + (1,) * (out.ndim - w.ndim)) if w.ndim else w
+    return out_u + (1.0 + w) * (out_c - out_u)
 
   return denoise_fn

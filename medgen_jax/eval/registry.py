@@ -250,7 +250,8 @@ def _conditional_labels(config, fields, real: RealData) -> Optional[np.ndarray]:
 def _sampling_card(config, fields, num: int) -> Dict[str, Any]:
   s = config.sample
   labels = fields.labels if config.data.cond == "label" else "unconditional"
-  sampler = {k: s[k] for k in ("sampler", "steps", "eta", "guidance_scale")
+  sampler = {k: s[k] for k in ("sampler", "steps", "eta", "guidance_scale",
+                                "guidance_per_class")
              if k in s}
   return dict(num=num, seed=fields.seed, labels=labels, sampler=sampler,
               params="EMA parameters when the method keeps them")

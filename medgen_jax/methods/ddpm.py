@@ -169,7 +169,9 @@ class DDPM:
     # Every network call goes through ``model_fn``; on CPUs it runs in
     # microbatches (``sample.microbatches``, auto as for training), whose
     # activations stay in the caches. The guided call doubles the batch.
-    calls = 2 * num if self.conditional and s.guidance_scale != 0 else num
+    scales = guidance_scales(s, self.num_classes)
+    guided = self.conditional and any(w != 0 for w in scales)
+    calls = 2 * num if guided else num
     n = microbatch.resolve(int(s.get("microbatches", 0)), calls,
                            jax.device_count(), jax.default_backend(),
                            key="sample.microbatches")
@@ -183,12 +185,13 @@ class DDPM:
       else:
         labels = cond["label"] if isinstance(cond, Mapping) else cond
         labels = jnp.asarray(labels, jnp.int32)
-      if s.guidance_scale == 0:
+      if not guided:
         # w = 0 is the conditional model: skip the doubled batch.
         denoise_fn = lambda x, t: model_fn(x, t, labels)
       else:
-        denoise_fn = samplers.guided_denoise_fn(
-            model_fn, labels, s.guidance_scale, self.num_classes)
+        w = jnp.asarray(scales, jnp.float32)[labels]  # [num]
+        denoise_fn = samplers.guided_denoise_fn(model_fn, labels, w,
+                                                self.num_classes)
     else:
       denoise_fn = model_fn
 
@@ -207,6 +210,19 @@ class DDPM:
     if labels is not None:
       out["label"] = labels
     return out
+
+
+def guidance_scales(sample_config: ml_collections.ConfigDict,
+                    num_classes: int) -> Tuple[float, ...]:
+  """The guidance ``w`` of every class: ``sample.guidance_per_class`` when
+  set, else ``sample.guidance_scale`` for all."""
+  per_class = tuple(sample_config.get("guidance_per_class", ()) or ())
+  if per_class:
+    if len(per_class) != num_classes:
+      raise ValueError(f"sample.guidance_per_class={per_class} needs one "
+                       f"scale per class ({num_classes})")
+    return tuple(float(w) for w in per_class)
+  return (float(sample_config.guidance_scale),) * max(num_classes, 1)
 
 
 def make(config: ml_collections.ConfigDict, example_batch: Batch) -> DDPM:
