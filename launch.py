@@ -92,7 +92,14 @@ def main(argv):
     sys.exit(f"error: {e}")
   workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
   from medgen_jax import commands  # pylint: disable=import-outside-toplevel
-  commands.run(_MODE.value, config, workdir)
+  from medgen_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  try:
+    commands.run(_MODE.value, config, workdir)
+  except checkpoint.CheckpointRestoreError as e:
+    # The message names the step, the cause and the way out; orbax's
+    # internal traceback would only bury it.
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

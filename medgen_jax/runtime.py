@@ -2,7 +2,8 @@
 
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+import sys
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import ml_collections
@@ -187,8 +188,29 @@ class _QuietLibraries(logging.Filter):
         p in record.pathname for p in self._NOISY)
 
 
+def _drop_closed_loop_callbacks(previous: Callable[[Any], None]):
+  def hook(unraisable) -> None:
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+  hook.drops_closed_loop_callbacks = True
+  return hook
+
+
 def quiet_library_logs() -> None:
+  """Filters orbax/TFDS INFO logs, and the "Event loop is closed" reports
+  that follow a failed orbax read.
+
+  When reading a checkpoint fails, TensorStore finishes its other reads on
+  threads whose asyncio loop orbax has already closed, and each of their
+  callbacks reports ``RuntimeError('Event loop is closed')`` as an
+  unraisable exception: hundreds of tracebacks, some printed after the real
+  error. Only those are dropped; every other unraisable exception reaches
+  the previous hook.
+  """
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
 def progress(iterable, total: int, initial: int = 0, desc: str = "",

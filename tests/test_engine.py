@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import pytest
 
 from medgen_jax import commands
 from medgen_jax import profiling
+from medgen_jax import runtime
 from medgen_jax.methods import base as methods
 from medgen_jax.train import checkpoint, trainer
 
@@ -106,6 +108,46 @@ def test_resume_with_another_model_config_names_the_change(tiny_config,
   with pytest.raises(checkpoint.CheckpointMismatchError, match="does not fit"):
     trainer.load_for_sampling(other, str(tmp_path))
   assert _params(tmp_path, _config(tiny_config, num_steps=2))[0] == 2
+
+
+def test_damaged_checkpoint_names_itself_and_the_one_to_resume_from(
+    tiny_config, tmp_path):
+  trainer.train(_config(tiny_config, num_steps=4), str(tmp_path))
+  damaged = tmp_path / "checkpoints" / "4"
+  chunks = [p for p in damaged.glob("state/ocdbt.process_*/d/*")]
+  assert chunks
+  for p in chunks:  # truncated array data, as after a disk fault
+    p.write_bytes(p.read_bytes()[:100])
+  env = dict(os.environ, MEDGEN_DATA_DIR=tiny_config.data.data_dir)
+  r = subprocess.run(
+      [sys.executable, "launch.py", "--config=configs/ddpm.py:res=16,runlocal",
+       "--config.data.num_subjects=5", "--config.train.num_steps=6",
+       "--config.train.ckpt_every=2", "--config.train.sample_every=0",
+       f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
+      text=True, timeout=300)
+  assert r.returncode == 1
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: could not read checkpoint step 4 in "
+                         f"{tmp_path}/checkpoints"), r.stderr[-2000:]
+  assert last.endswith(f"Move {damaged} out of the workdir to resume from step "
+                       "2 (checkpoints: [2]).")
+  assert "Event loop is closed" not in r.stderr
+  # Following the hint resumes from step 2; nothing else was touched.
+  damaged.rename(tmp_path / "damaged_4")
+  assert trainer.train(_config(tiny_config, num_steps=6),
+                       str(tmp_path))["step"] == 6
+  assert [r["step"] for r in _jsonl(tmp_path / "metrics.jsonl")] == [
+      1, 2, 3, 4, 5, 6]
+
+
+def test_only_closed_loop_reports_are_dropped():
+  seen = []
+  hook = runtime._drop_closed_loop_callbacks(seen.append)  # pylint: disable=protected-access
+  closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(exc_value=RuntimeError("disk full"))
+  hook(closed)
+  hook(other)
+  assert seen == [other]
 
 
 def test_checkpoint_refuses_non_finite_params(tmp_path):

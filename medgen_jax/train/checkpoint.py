@@ -62,11 +62,21 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: PyTree,
     out = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   except Exception as e:  # orbax raises many types; name the checkpoint.
-    raise RuntimeError(
-        f"could not restore checkpoint step {step} from {mngr.directory}: "
-        f"{type(e).__name__}: {e}. If the model config changed since it was "
-        "written, use a new --workdir.") from e
+    # TensorStore errors end in a page-long spec dump: keep the cause.
+    cause = str(e).split(" See full TensorStore details")[0][:400].rstrip(". ")
+    earlier = [s for s in mngr.all_steps() if s < step]
+    hint = (f"Move {os.path.join(str(mngr.directory), str(step))} out of the "
+            f"workdir to resume from step {earlier[-1]} (checkpoints: "
+            f"{earlier})." if earlier else "There is no earlier checkpoint.")
+    raise CheckpointRestoreError(
+        f"could not read checkpoint step {step} in {mngr.directory} (a "
+        f"damaged or incomplete file?): {type(e).__name__}: {cause}. "
+        f"{hint}") from e
   return step, out.state, dict(out.meta)
+
+
+class CheckpointRestoreError(RuntimeError):
+  """A checkpoint that fits the config could not be read."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -105,6 +115,8 @@ def check_fits(mngr: ocp.CheckpointManager, step: int,
   try:
     stored = _shapes(ocp.StandardCheckpointer().metadata(path).item_metadata)
   except Exception:  # pylint: disable=broad-except
+    stored = {}
+  if not stored:
     return  # no readable metadata: the restore itself reports problems.
   wanted = _shapes(abstract_state)
   problems = [f"{k}: checkpoint {stored[k]}, config {wanted[k]}"
