@@ -271,18 +271,17 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
   per_fraction = sc.generator_data == "per_fraction"
   seed_of = [0 if per_fraction else s for s in range(sc.num_seeds)]
   synthetic_fps = {k: encoder_lib.fingerprint(v) for k, v in synthetic.items()}
-
-  def inputs(task_name, fraction, arm):
-    gen = _gen_for(arm, fraction, config)
-    return cell_inputs(config, task_name, synthetic_fps[gen] if gen else "")
-
+  synthetic_fps[None] = ""  # arms without synthetic data
   cells = [(t, f, a) for t in sc.tasks for f in sc.fractions for a in arms]
-  stale = [(t, f, a) for t, f, a in cells if (t, f, a.name) in done and
-           done[(t, f, a.name)].get("inputs") != inputs(t, f, a)]
-  for t, f, a in stale:
+  # What each cell's scores depend on (see cell_inputs), computed once.
+  want = {(t, f, a.name): cell_inputs(config, t,
+                                      synthetic_fps[_gen_for(a, f, config)])
+          for t, f, a in cells}
+  for key in [k for k in want if k in done and
+              done[k].get("inputs") != want[k]]:
     logging.warning("%s: cell %s f=%g %s was scored with other settings or "
-                    "another synthetic set; rerunning it", path, t, f, a.name)
-    del done[(t, f, a.name)]
+                    "another synthetic set; rerunning it", path, *key)
+    del done[key]
   todo = [c for c in cells if (c[0], c[1], c[2].name) not in done]
   results = [done[(t, f, a.name)] for t, f, a in cells
              if (t, f, a.name) in done]
@@ -348,7 +347,7 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
                        for s, c in enumerate(count)],
         final_loss=float(losses[-max(1, len(losses) // 10):].mean()),
         seconds=time.time() - t0,
-        inputs=inputs(task_name, fraction, arm))
+        inputs=want[(task_name, fraction, arm.name)])
     # Replaces a stale line of this cell, keeps every other line.
     key = _cell_key(record)
     jsonl.rewrite(path, lambda r, key=key: _cell_key(r) != key, append=record)

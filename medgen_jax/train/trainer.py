@@ -203,25 +203,17 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:
-  if not isinstance(node, dict):
-    return {prefix: node}
-  out = {}
-  for k, v in node.items():
-    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-  return out
-
-
 def changed_settings(config_path: str, config: ml_collections.ConfigDict,
                      show: int = 8) -> str:
   """``"model.ch 16 -> 8, ..."``: the keys of ``config`` that differ from the
   ``config.json`` an earlier run wrote (``"unknown"`` without one)."""
   try:
     with open(config_path) as f:
-      old = _flat(json.load(f))
+      old = _flat_hparams(json.load(f))
   except (OSError, ValueError):
     return "unknown (no readable config.json)"
-  new = _flat(json.loads(json.dumps(config.to_dict(), default=str)))
+  # Through JSON, as config.json was written: tuples compare as lists.
+  new = _flat_hparams(json.loads(json.dumps(config.to_dict(), default=str)))
   diffs = [f"{k} {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}"
            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
   if not diffs:
