@@ -428,3 +428,64 @@ def augment_config(**overrides: Any) -> ml_collections.ConfigDict:
   # Merged before the ConfigDict exists so an override may change a field's
   # type (a number -> a (lo, hi) pair).
   return ml_collections.ConfigDict({**defaults, **overrides})
+
+
+AUTOENCODER_ARGS = dict(res=32, contrast="t2w", dims=2, mask=False, steps=0,
+                        runlocal=False)
+
+
+def autoencoder_base(a: ml_collections.ConfigDict, cond: str = ""
+                     ) -> ml_collections.ConfigDict:
+  """The sections the VAE family shares (``configs/vae.py`` & co): data,
+  the conv pyramid of ``model``, optimizer, training and the
+  reconstruction evaluator, from the parsed args ``a`` (those of
+  :data:`AUTOENCODER_ARGS`)."""
+  contrasts = tuple(a.contrast.split("+"))
+  for c in contrasts:
+    if c not in CONTRASTS:
+      raise ValueError(f"contrast {c!r} not in {CONTRASTS}")
+  c = base_config()
+  c.data = data_config(res=a.res, contrasts=contrasts, spatial_dims=a.dims,
+                       cond=cond, batch_size=32)
+  if a.mask:
+    c.data.mask_channels = ("lesion_mask",)
+  levels = 4 if a.res >= 64 else 3
+  c.model = ml_collections.ConfigDict(dict(
+      ch=32, ch_mult=(1, 2, 4, 4)[:levels], num_res_blocks=1, num_groups=8,
+      mid_attention=False, dtype="float32", conv_lowering="auto"))
+  c.optim.update(lr=1e-3, warmup_steps=100, schedule="cosine",
+                 final_lr_frac=0.1)
+  steps = a.steps or (20_000 if a.res >= 64 else 3_000)
+  c.train.update(num_steps=steps, sample_every=1_000, ckpt_every=500,
+                 ema=0.999, ema_warmup=100)
+  # Reconstruction PSNR/SSIM into metrics.jsonl with every sample grid.
+  c.evals = ml_collections.ConfigDict(dict(
+      reconstruction=dict(type="reconstruction", every_steps=1_000,
+                          num_examples=256),
+      loss=dict(type="loss", every_steps=0, num_batches=8)))
+  if a.runlocal:
+    c.data.num_subjects = 10
+    c.data.batch_size = 8
+    c.model.update(ch=8, ch_mult=(1, 2), num_groups=4)
+    c.train.update(num_steps=a.steps or 20, log_every=5, ckpt_every=10,
+                   sample_every=20, num_grid_samples=4, ema_warmup=5)
+    c.optim.warmup_steps = 5
+    c.evals.reconstruction.update(every_steps=20, num_examples=16)
+    c.evals.loss.num_batches = 2
+  return c
+
+
+def generative_eval(runlocal: bool, every_steps: int = 0
+                    ) -> ml_collections.ConfigDict:
+  """The ``generative`` evaluator (in-domain FID/KID, precision/recall,
+  diversity, memorization) of a generator's config."""
+  e = ml_collections.ConfigDict(dict(
+      type="generative", every_steps=every_steps, num_samples=256,
+      kid_subsets=50, kid_subset_size=100, pr_k=5, diversity_pairs=200,
+      memorization_quantile=0.01))
+  if runlocal:
+    e.update(num_samples=16, kid_subsets=5, kid_subset_size=8, pr_k=2,
+             diversity_pairs=8,
+             encoder=dict(width=8, num_groups=4, steps=4, steps_per_call=2,
+                          batch_size=8))
+  return e

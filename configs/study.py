@@ -16,7 +16,8 @@ sample grids.
 
 Args (``key=value`` after the colon):
   res: image side (32 on a CPU; 64/128 on GPUs).
-  seeds: seeds per cell (mean and 95% CI over seeds).
+  seeds: seeds per cell (mean and 95% CI over seeds); default 3 (2 with
+    runlocal).
   fractions: real-data fractions joined by "+", e.g. "0.1+0.25+1".
   tasks: any of classification, segmentation, translation joined by "+".
   gen_steps: generator training steps (0: the size's default).
@@ -25,8 +26,16 @@ Args (``key=value`` after the colon):
     shared-generator scenario, synthetic arms see information from subjects
     outside the fraction) or "per_fraction" (one generator per fraction,
     trained on exactly that fraction's subjects; the strict protocol).
+  generators: the generators, as method config names joined by "+"
+    (``configs/<name>.py``), e.g. "ddpm+vae+cvae"; each is trained on the
+    study's data with the lesion mask as an extra channel, and every
+    generator's arms appear in every table. "ddpm" is the study's tuned
+    label-conditional DDPM; other configs run at their own defaults (their
+    ``runlocal`` size under ``runlocal``).
   runlocal: a miniature study for tests (tiny models, a few steps).
 """
+
+import importlib
 
 import ml_collections
 
@@ -47,10 +56,30 @@ def _task(kind: str, inputs, target, num_classes: int, steps: int,
                  grad_clip=1.0)))
 
 
+def _generator(name: str, a) -> ml_collections.ConfigDict:
+  """``configs/<name>.py`` at the study's resolution, with the lesion mask;
+  the study sets its data section."""
+  try:
+    module = importlib.import_module(f"configs.{name}")
+  except ModuleNotFoundError:
+    raise ValueError(f"generators: no config configs/{name}.py") from None
+  gen = module.get_config(f"res={a.res},mask" +
+                          (",runlocal" if a.runlocal else ""))
+  if a.gen_steps:
+    gen.train.num_steps = a.gen_steps
+  # The study scores every synthetic set itself; the generator's own
+  # end-of-training FID would train a second in-domain encoder.
+  for e in gen.get("evals", {}).values():
+    if e.type == "generative":
+      e.every_steps = 0
+  return gen
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, res=32, seeds=0, fractions="",
+  a = common.parse_arg(arg, res=32, seeds=-1, fractions="",
                        tasks="classification+segmentation", gen_steps=0,
-                       task_steps=0, generator_data="full", runlocal=False)
+                       task_steps=0, generator_data="full",
+                       generators="ddpm", runlocal=False)
   # Two sizes: the CPU default (res <= 32) must finish in ~15 min on two
   # cores; res >= 64 is the full study for GPUs/TPUs.
   big = a.res >= 64
@@ -96,13 +125,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ancestral sampler, for the short-trained CPU model.
   gen.sample.update(steps=50 if big else 25, eta=0.0 if big else 1.0,
                     guidance_scale=1.0 if big else 3.0, batch_size=128)
-  c.generators = ml_collections.ConfigDict(dict(ddpm=gen))
+  c.generators = ml_collections.ConfigDict()
+  for name in a.generators.split("+"):
+    c.generators[name] = gen if name == "ddpm" else _generator(name, a)
 
   steps = a.task_steps or (2000 if big else 200)
   fractions = a.fractions or ("0.05+0.1+0.25+1" if big else "0.1+1")
   c.study = ml_collections.ConfigDict(dict(
       fractions=tuple(float(f) for f in fractions.split("+")),
-      num_seeds=a.seeds or 3,
+      num_seeds=a.seeds if a.seeds >= 0 else 3,
       arms=(("real", "real+classical", "real+synthetic",
              "real+classical+synthetic", "synthetic") if big or a.runlocal
             else ("real", "real+classical", "real+synthetic",
@@ -165,7 +196,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                      ema_warmup=2)
     gen.optim.warmup_steps = 2
     gen.sample.update(steps=3, batch_size=16)
-    c.study.update(synthetic_per_class=8, num_seeds=a.seeds or 2)
+    c.study.update(synthetic_per_class=8, num_seeds=a.seeds if a.seeds >= 0 else 2)
     for t in c.study.tasks.values():
       t.update(steps=a.task_steps or 4, steps_per_call=2, batch_size=8)
       if "segmenter_steps" in t:

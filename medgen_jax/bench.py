@@ -5,9 +5,10 @@ r"""Benchmark a config's training step, sampler and input pipeline.
       [--profile]
 
 Prints compile time, train steps/s and images/s after warm-up (median over
-timed steps), sampler images/s, input-pipeline batches/s, peak host RSS,
-XLA's estimated FLOPs per step, achieved FLOP/s and, when the device's peak
-is known (or given), MFU = achieved / peak. ``--profile`` also traces
+timed steps), sampler seconds per batch and images/s (and seconds per
+denoising step where the config has ``sample.steps``), input-pipeline
+batches/s, peak host RSS, XLA's estimated FLOPs per step, achieved FLOP/s
+and, when the device's peak is known (or given), MFU = achieved / peak. ``--profile`` also traces
 training steps and prints where their time goes, per op category (forward,
 input-gradient and kernel-gradient convolutions, GroupNorm, attention,
 optimizer update, copies, ...; see :mod:`medgen_jax.profiling`).
@@ -128,10 +129,13 @@ def run(config) -> Dict[str, Any]:
     _, stimes = _timed(lambda: jax.block_until_ready(
         sample_compiled(state, rng)), _SAMPLE_REPEATS.value)
     res["sample_batch"] = n
-    res["sample_steps"] = config.sample.steps
     res["sample_s"] = statistics.median(stimes)
     res["sample_images_per_s"] = n / res["sample_s"]
-    res["sample_s_per_denoise_step"] = res["sample_s"] / config.sample.steps
+    # Iterative (diffusion) samplers: the network evaluations per sample.
+    steps = config.sample.get("steps")
+    if steps:
+      res["sample_steps"] = steps
+      res["sample_s_per_denoise_step"] = res["sample_s"] / steps
   res["peak_rss_mb"] = peak_rss_mb()
   return res
 

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from medgen_jax import runtime
+from medgen_jax import sampling
 from medgen_jax import viz
 from medgen_jax.data import pipeline
 from medgen_jax.train import trainer
@@ -20,7 +20,36 @@ def _summary_table(rows) -> str:
   return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def resolve_auto_inputs(config: ml_collections.ConfigDict, workdir: str
+                        ) -> ml_collections.ConfigDict:
+  """``config`` with the inputs its method names ``"auto"`` produced first
+  (a method module's ``resolve_auto(config, workdir, train_encoder)``): the
+  method says what it needs, this layer trains it."""
+  from medgen_jax.methods import base as methods  # pylint: disable=import-outside-toplevel
+  module = methods.module(config.method.name)
+  if not hasattr(module, "resolve_auto"):
+    return config
+
+  def train_encoder(section, directory: str) -> str:
+    from medgen_jax.eval import encoder as encoder_lib  # pylint: disable=import-outside-toplevel
+    from medgen_jax.eval import registry as eval_registry  # pylint: disable=import-outside-toplevel
+    d = config.data
+    real = eval_registry.RealData(config)
+    enc = ml_collections.ConfigDict(section.to_dict())
+    if not enc.num_classes:
+      enc.num_classes = int(d.num_classes)
+    encoder_lib.train_or_load(
+        enc, d.contrasts, d.spatial_dims, real.train, real.heldout,
+        directory, extra_card=dict(dataset=d.dataset,
+                                   train_split=d.train_split,
+                                   normalization=d.normalization))
+    return directory
+
+  return module.resolve_auto(config, workdir, train_encoder)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  config = resolve_auto_inputs(config, workdir)
   out = trainer.train(config, workdir)
   rows = [("workdir", os.path.abspath(workdir)), ("final step", out["step"]),
           ("wall time", f"{out['seconds']:.1f} s")]
@@ -34,29 +63,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Draws ``config.sample.num`` samples in batches into ``workdir/samples``.
 
-  Writes ``final_step_N.npz`` with ``image`` (normalised [-1, 1]),
-  ``image_signal`` (back in the data set's signal units) and ``label`` when
-  the model is conditional, plus a PNG grid of the first 64.
+  Writes ``final_step_N.npz`` with ``image`` (the contrasts, normalised
+  [-1, 1]), ``image_signal`` (back in the data set's signal units), one
+  array per mask of ``data.mask_channels`` and ``label`` (balanced classes)
+  when the model is conditional, plus a PNG grid of the first 64.
   """
   exp, step, state, meta = trainer.load_for_sampling(config, workdir)
-  sample_fn = jax.jit(exp.method.sample, static_argnums=2)
   sc = config.sample
-  chunks = []
-  num_batches = -(-sc.num // sc.batch_size)
-  for i in runtime.progress(range(num_batches), num_batches, desc="sample"):
-    rng = jax.random.fold_in(exp.sample_rng, i)
-    chunks.append(jax.device_get(sample_fn(state, rng, sc.batch_size)))
-  out = {k: np.concatenate([c[k] for c in chunks])[:sc.num] for k in chunks[0]}
+  out = sampling.draw_for_classes(exp.method, state, config.data, sc.num,
+                                  exp.sample_rng, sc.batch_size,
+                                  desc="sample")
   stats = {k: tuple(v) for k, v in meta["normalization"].items()}
   out["image_signal"] = pipeline.denormalize(out["image"], meta["contrasts"],
                                              stats)
+  mask_keys = tuple(config.data.get("mask_channels", ()))
   base = os.path.join(workdir, "samples", f"final_step_{step}")
   os.makedirs(os.path.dirname(base), exist_ok=True)
   tmp = base + ".tmp.npz"
   np.savez_compressed(tmp, **out)
   os.replace(tmp, base + ".npz")
-  viz.save_png(viz.image_grid(out["image"][:64], config.data.spatial_dims),
-               base + ".png")
+  masks = out[mask_keys[0]][:64] if mask_keys else None
+  viz.save_png(viz.image_grid(out["image"][:64], config.data.spatial_dims,
+                              masks=masks), base + ".png")
   logging.info("wrote %d samples to %s.npz", sc.num, base)
   print(f"Wrote {sc.num} samples from step {step}: {base}.npz, {base}.png",
         flush=True)

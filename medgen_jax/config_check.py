@@ -4,37 +4,27 @@ Each check names the offending key and the allowed values, so a typo costs a
 second, not a compile.
 """
 
-from typing import Any, Iterable, List
+from typing import List
 
 import ml_collections
 
+from medgen_jax import checks
 from medgen_jax.data import builder_lib
 from medgen_jax.data import pipeline
 from medgen_jax.data import preprocess
 from medgen_jax.eval import registry as eval_registry
 from medgen_jax.methods import base as methods
-from medgen_jax.nn import conv as conv_lib
 from medgen_jax.train import microbatch
 
-REQUIRED_SECTIONS = ("data", "model", "method", "optim", "train", "sample")
+REQUIRED_SECTIONS = ("data", "method", "optim", "train")
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message lists every problem found."""
 
 
-def _one_of(errors: List[str], key: str, value: Any, allowed: Iterable[Any]):
-  allowed = tuple(allowed)
-  if value not in allowed:
-    errors.append(f"{key}={value!r} must be one of {allowed}")
-
-
-def _positive(errors: List[str], key: str, value: Any, allow_zero=False):
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-      value >= 0 if allow_zero else value > 0)
-  if not ok:
-    kind = "non-negative" if allow_zero else "positive"
-    errors.append(f"{key}={value!r} must be a {kind} number")
+_one_of = checks.one_of
+_positive = checks.positive
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
@@ -46,15 +36,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
 
-def method_errors(config: ml_collections.ConfigDict,
-                  num_devices: int = 1) -> List[str]:
-  """Problems of a generative-method config (``configs/ddpm.py`` & co)."""
+def data_errors(d: ml_collections.ConfigDict, num_devices: int = 1
+                ) -> List[str]:
+  """Problems of a ``data`` section (any data set)."""
   errors: List[str] = []
-  missing = [s for s in REQUIRED_SECTIONS if s not in config]
-  if missing:
-    return [f"config is missing sections {missing}"]
-  d, m, me, o, t, s = (config.data, config.model, config.method, config.optim,
-                       config.train, config.sample)
   missing = [k for k in builder_lib.REQUIRED_DATA_KEYS if k not in d]
   if missing:
     return [f"config.data is missing keys {missing}"]
@@ -85,31 +70,22 @@ def method_errors(config: ml_collections.ConfigDict,
                   f"number of devices ({num_devices})")
   if not d.contrasts:
     errors.append("data.contrasts is empty")
-  levels = len(m.ch_mult)
-  if isinstance(d.res, int) and d.res % (2 ** (levels - 1)):
-    errors.append(f"data.res={d.res} must be divisible by 2**(len(model."
-                  f"ch_mult)-1)={2 ** (levels - 1)}")
-  for mult in m.ch_mult:
-    if (m.ch * mult) % m.num_groups:
-      errors.append(f"model.num_groups={m.num_groups} must divide every "
-                    f"level's channels (ch*ch_mult = {m.ch * mult})")
-      break
-  _one_of(errors, "model.dtype", m.dtype, ("float32", "bfloat16"))
-  _one_of(errors, "model.conv_lowering", m.conv_lowering, conv_lib.LOWERINGS)
-  _one_of(errors, "method.name", me.name, methods.available())
-  if me.name == "ddpm":
-    _one_of(errors, "method.schedule", me.schedule, ("linear", "cosine"))
-    _one_of(errors, "method.prediction", me.prediction, ("eps", "v"))
-    _one_of(errors, "sample.sampler", s.sampler, ("ddpm", "ddim"))
-    _positive(errors, "method.timesteps", me.timesteps)
-    per_class = tuple(s.get("guidance_per_class", ()) or ())
-    if per_class and (d.cond != "label" or len(per_class) != d.num_classes):
-      errors.append(f"sample.guidance_per_class={per_class} needs "
-                    f"data.cond='label' and one scale per class "
-                    f"(data.num_classes={d.num_classes})")
-    if s.sampler == "ddim" and not 0 < s.steps <= me.timesteps:
-      errors.append(f"sample.steps={s.steps} must be in [1, "
-                    f"method.timesteps={me.timesteps}]")
+  return errors
+
+
+def method_errors(config: ml_collections.ConfigDict,
+                  num_devices: int = 1) -> List[str]:
+  """Problems of a generative-method config (``configs/ddpm.py`` & co):
+  the shared sections here, the method's own (``method``, ``model``,
+  ``sample``) from the method (``methods.base.config_errors``)."""
+  missing = [s for s in REQUIRED_SECTIONS if s not in config]
+  if missing:
+    return [f"config is missing sections {missing}"]
+  errors = data_errors(config.data, num_devices)
+  if any(k not in config.data for k in builder_lib.REQUIRED_DATA_KEYS):
+    return errors
+  d, o, t = config.data, config.optim, config.train
+  errors += methods.config_errors(config)
   _one_of(errors, "optim.name", o.name, ("adam", "adamw", "sgd"))
   _one_of(errors, "optim.schedule", o.schedule,
           ("constant", "cosine", "linear"))
@@ -139,7 +115,7 @@ def study_errors(config: ml_collections.ConfigDict,
                  num_devices: int = 1) -> List[str]:
   """Problems of an augmentation-study config (``configs/study.py``)."""
   from medgen_jax.downstream import study as study_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax.downstream import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.eval import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
   missing = [s for s in STUDY_SECTIONS if s not in config]
   if missing:
     return [f"study config is missing sections {missing}"]

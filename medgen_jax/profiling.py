@@ -156,11 +156,26 @@ def parse_hlo(text: str) -> Dict[str, HloOp]:
   return ops
 
 
+def in_model(op_name: str) -> bool:
+  """Whether an instruction is the model and its loss, by its ``op_name``.
+
+  That is what a training step differentiates: JAX names the ops inside
+  ``jax.grad``/``value_and_grad`` ``jvp(...)`` (forward) and
+  ``transpose(jvp(...))`` (backward), whatever the method's networks and
+  loss functions are called. A method's separate gradient program
+  (``grad_step``, see :mod:`medgen_jax.methods.base`) counts whole: its other
+  ops draw the step's randomness and accumulate microbatch gradients, which
+  is no part of the optimizer update; in a one-program ``train_step`` (off
+  CPUs) they are charged to the update.
+  """
+  return "jvp(" in op_name or op_name.startswith("jit(grad_step)/")
+
+
 def categorize(op: HloOp) -> str:
   """The breakdown category of one instruction (one of ``CATEGORIES``)."""
   kinds = set(op.inner) if op.inner else {op.opcode}
   backward = "transpose(" in op.op_name
-  in_model = "UNet" in op.op_name or "loss_fn" in op.op_name
+  model = in_model(op.op_name)
   if "convolution" in kinds:
     if not backward and op.op_name:
       return "conv forward"
@@ -181,7 +196,7 @@ def categorize(op: HloOp) -> str:
         return "conv forward"
       return ("conv kernel-grad" if "ni,nc->ic" in op.op_name else
               "conv input-grad")
-    return "dense (embedding)" if in_model else "optimizer update"
+    return "dense (embedding)" if model else "optimizer update"
   if op.opcode in _CONTAINERS:
     return "other"
   if kinds <= _DATA_MOVEMENT:
@@ -190,7 +205,7 @@ def categorize(op: HloOp) -> str:
     return "group norm bwd" if backward else "group norm fwd"
   if "AttentionBlock" in op.op_name:
     return "attention"
-  if not in_model and not op.op_name.startswith("state."):
+  if not model and not op.op_name.startswith("state."):
     return "optimizer update"
   return "elementwise/fusions"
 

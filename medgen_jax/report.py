@@ -19,7 +19,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from medgen_jax import jsonl  # pylint: disable=wrong-import-position
 from medgen_jax import viz  # pylint: disable=wrong-import-position
-from medgen_jax.downstream import tasks as tasks_lib  # pylint: disable=wrong-import-position
+from medgen_jax.eval import tasks as tasks_lib  # pylint: disable=wrong-import-position
 
 Block = Tuple[str, Any]
 FIGURES = "figures"

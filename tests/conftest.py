@@ -1,15 +1,10 @@
 """Shared fixtures: a per-session data dir and the persistent XLA cache."""
 
-import os
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
-from medgen_jax import runtime  # pylint: disable=wrong-import-position
+# The repository root is importable: tests run as `python -m pytest` from it,
+# or with the package installed (`pip install -e .`).
+from medgen_jax import runtime
 
 # The XLA:CPU flags launch.py sets, so tests run the same programs.
 runtime.set_xla_cpu_flags()

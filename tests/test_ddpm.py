@@ -225,3 +225,23 @@ def test_step_flops_count_every_microbatch(trained):
   # What cost analysis alone reports for the scanned step: one body.
   scanned = profiling.flops_of(jax.jit(split.train_step).lower(*args))
   assert scanned < 0.5 * unsplit
+
+
+def test_loss_trajectory_is_fixed_for_a_seed(tiny_config):
+  """Five steps of the runlocal DDPM from seed 0: the values this method
+  produced before the method seam existed, so refactors cannot move it."""
+  from medgen_jax.train import sharding, trainer  # pylint: disable=import-outside-toplevel
+  c = tiny_config.copy_and_resolve_references()
+  c.train.microbatches = 1
+  exp = trainer.build_experiment(c)
+  state = trainer.init_state(exp)
+  step = trainer.jit_train_step(exp)
+  losses = []
+  for i in range(1, 6):
+    batch = sharding.global_batch(exp.data.batcher.batch(i - 1),
+                                  sharding.batch_sharding(exp.mesh))
+    state, m = step(state, batch, jax.random.fold_in(exp.train_rng, i))
+    losses.append(float(m["loss"]))
+  np.testing.assert_allclose(
+      losses, [1.0484797954559326, 0.9598142504692078, 0.9620004892349243,
+               0.9524409770965576, 0.9700015187263489], rtol=1e-5)

@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from medgen_jax import commands
 from medgen_jax import config_check
+from medgen_jax import sampling
 from medgen_jax.eval import features
 from medgen_jax.eval import inception
 from medgen_jax.eval import registry
@@ -63,10 +64,12 @@ def weights_file(tmp_path_factory):
 
 
 def test_registry_lookup_and_config_errors(tiny_config):
-  assert registry.available() == ("generative", "inception_fid", "loss")
+  assert registry.available() == ("generative", "inception_fid", "loss",
+                                 "reconstruction")
   assert registry.lookup("loss") is registry.TYPES["loss"]
   with pytest.raises(ValueError, match=r"unknown evaluator type 'fid'; "
-                     r"registered: \('generative', 'inception_fid', 'loss'\)"):
+                     r"registered: \('generative', 'inception_fid', 'loss', "
+                     r"'reconstruction'\)"):
     registry.lookup("fid")
 
   c = tiny_config.copy_and_resolve_references()
@@ -82,7 +85,8 @@ def test_registry_lookup_and_config_errors(tiny_config):
   msg = str(e.value)
   for part in (
       "evals.fid.type='fid' is not a registered evaluator type; registered: "
-      "('generative', 'inception_fid', 'loss')",
+      "('generative', 'inception_fid', 'loss', "
+      "'reconstruction')",
       "evals.untyped.type is missing",
       "evals.loss.every_steps=-1 must be an integer >= 0",
       "evals.loss.params='best' must be one of ('ema', 'raw')",
@@ -104,13 +108,13 @@ def test_registry_lookup_and_config_errors(tiny_config):
 
 
 def test_sample_labels_balanced_and_heldout_mix():
-  np.testing.assert_array_equal(registry.sample_labels("balanced", 7, 2),
+  np.testing.assert_array_equal(sampling.labels_for("balanced", 7, 2),
                                 [0, 0, 0, 0, 1, 1, 1])
   held = np.array([0, 0, 0, 1])  # 3:1
   np.testing.assert_array_equal(
-      np.bincount(registry.sample_labels("heldout", 10, 2, held)), [8, 2])
+      np.bincount(sampling.labels_for("heldout", 10, 2, held)), [8, 2])
   with pytest.raises(ValueError, match="labels='x'"):
-    registry.sample_labels("x", 4, 2)
+    sampling.labels_for("x", 4, 2)
 
 
 def test_split_scalars_flattens_one_level():

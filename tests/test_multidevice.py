@@ -10,7 +10,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCRIPT = r"""
 import json, sys
 import jax, numpy as np
-sys.path.insert(0, ".")
 from configs import ddpm
 from medgen_jax import runtime
 from medgen_jax.train import trainer
@@ -45,8 +44,12 @@ print("RESULT" + json.dumps(out))
 
 
 def _run(data_dir, fsdp):
+  # The script imports configs and medgen_jax from this checkout, whatever
+  # the interpreter's own sys.path holds.
   env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             PYTHONPATH=os.pathsep.join(
+                 p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
   r = subprocess.run([sys.executable, "-c", _SCRIPT, data_dir, str(fsdp)],
                      cwd=ROOT, env=env, capture_output=True, text=True,
                      timeout=600)

@@ -160,6 +160,23 @@ def test_categorize_rules():
       "optimizer update", "copies/transposes/slices"]
 
 
+def test_model_code_is_what_the_step_differentiates():
+  def cat(op_name, kinds=("add", "multiply")):
+    return profiling.categorize(profiling.HloOp("x", "fusion", "f32[8]",
+                                                op_name, kinds))
+  # Any method's networks, not only the DDPM's U-Net.
+  assert cat("jit(train_step)/jvp(VAE)/Encoder/Dense_0/add") == (
+      "elementwise/fusions")
+  assert cat("jit(train_step)/transpose(jvp(Decoder))/mul") == (
+      "elementwise/fusions")
+  assert cat("jit(train_step)/jvp(VAE)/Dense_0/dot_general", ("dot",)) == (
+      "dense (embedding)")
+  # The gradient program's noise draws are not optimizer work.
+  assert cat("jit(grad_step)/jit(_normal)/erf_inv") == "elementwise/fusions"
+  assert cat("jit(apply_step)/mul") == "optimizer update"
+  assert cat("jit(apply_step)/dot_general", ("dot",)) == "optimizer update"
+
+
 def test_parse_hlo_sees_inside_fusions():
   text = """HloModule m
 

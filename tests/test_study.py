@@ -15,7 +15,7 @@ from medgen_jax import report
 from medgen_jax.data import pipeline
 from medgen_jax.downstream import fit as fit_lib
 from medgen_jax.downstream import study as study_lib
-from medgen_jax.downstream import tasks as tasks_lib
+from medgen_jax.eval import tasks as tasks_lib
 
 
 def test_arm_specs_expand_synthetic_arms_per_generator():

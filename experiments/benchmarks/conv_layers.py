@@ -41,7 +41,6 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def time_jax(batch: int, microbatch: int, repeats: int) -> dict:
-  sys.path.insert(0, ROOT)
   from medgen_jax import runtime  # pylint: disable=import-outside-toplevel
   runtime.set_xla_cpu_flags()
   import jax  # pylint: disable=import-outside-toplevel
@@ -102,10 +101,13 @@ def main():
     return
   res = {}
   for name in ("jax", "torch"):
-    cmd = [sys.executable, os.path.abspath(__file__), f"--only={name}",
-           f"--batch={a.batch}", f"--microbatch={a.microbatch}",
-           f"--repeats={a.repeats}"]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # As a module from the repository root, so the JAX process imports
+    # medgen_jax from this checkout whether or not it is installed.
+    cmd = [sys.executable, "-m", "experiments.benchmarks.conv_layers",
+           f"--only={name}", f"--batch={a.batch}",
+           f"--microbatch={a.microbatch}", f"--repeats={a.repeats}"]
+    done = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True,
+                          text=True)
     res[name] = json.loads(done.stdout.strip().splitlines()[-1])
   print(f"ms per batch of {a.batch} (JAX: {a.batch // a.microbatch} calls of "
         f"{a.microbatch}); ratio = JAX / PyTorch")

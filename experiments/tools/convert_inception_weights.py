@@ -1,8 +1,11 @@
 r"""Converts pytorch-fid's Inception-V3 weights to the ``.npz`` of
 :mod:`medgen_jax.eval.inception`.
 
-  python experiments/tools/convert_inception_weights.py \
+  python -m experiments.tools.convert_inception_weights \
       --input=pt_inception-2015-12-05-6726825d.pth --output=inception_fid.npz
+
+from the repository root (or ``python experiments/tools/...`` with the
+package installed, ``pip install -e .``).
 
 The input is the state dict that pytorch-fid loads for FID (its weights were
 ported from TensorFlow's inception-2015-12-05 graph); get the file yourself,
@@ -21,16 +24,11 @@ the first mismatched parameter.
 """
 
 import argparse
+import importlib.util
 import os
-import sys
 from typing import Dict, Mapping
 
 import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 # Suffix of a PyTorch name -> (Flax collection, Flax leaf name).
 _LEAVES = {
@@ -112,6 +110,10 @@ def main(argv=None):
   p.add_argument("--input", required=True, help="pytorch-fid .pth file")
   p.add_argument("--output", required=True, help=".npz to write")
   args = p.parse_args(argv)
+  if importlib.util.find_spec("medgen_jax") is None:
+    p.error("medgen_jax is not importable: run this as `python -m "
+            "experiments.tools.convert_inception_weights` from the "
+            "repository root, or `pip install -e .` first")
   n = convert_file(args.input, args.output)
   print(f"wrote {n} arrays to {args.output}")
 

@@ -1,4 +1,4 @@
-"""Training and scoring downstream models: all seeds in one program.
+"""Training and scoring downstream models: all arms and seeds in one program.
 
 The study trains the same task many times: per data arm (real only, +
 classical augmentation, + synthetic data, ...), per real-data fraction and
@@ -11,14 +11,13 @@ per seed. Everything that differs between those runs is *data*, not shapes:
 * the arm is two traced scalars: the fraction of every batch drawn from the
   synthetic pool and whether classical augmentation is on.
 
-So one jitted program per task serves every arm, fraction and seed, and
-each call runs ``steps_per_call`` steps in a ``lax.scan``. Seed ``s`` starts
-from the same initialisation and draws from the same real subjects in every
-arm, which makes the arm comparison a paired one.
+So one jitted program per task (:mod:`medgen_jax.train.supervised`) serves
+every arm, fraction and seed. Seed ``s`` starts from the same
+initialisation and draws from the same real subjects in every arm, which
+makes the arm comparison a paired one.
 """
 
-import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -27,18 +26,15 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medgen_jax import runtime
-from medgen_jax.downstream.tasks import Task
-from medgen_jax.train import sharding as sharding_lib
-from medgen_jax.train.optim import make_optimizer
-from medgen_jax.train.state import TrainState, apply_gradients, create_state
+from medgen_jax.eval.tasks import Task
+from medgen_jax.train import supervised
+from medgen_jax.train.state import TrainState
+# The study reaches these through this module.
+from medgen_jax.train.supervised import (  # pylint: disable=unused-import
+    Fitter, predict_all, score_seeds, seed_keys)
 
 Arrays = Dict[str, jax.Array]
 AugmentFn = Callable[[jax.Array, Arrays], Arrays]
-
-
-class DownstreamDivergedError(FloatingPointError):
-  """A downstream training loss became NaN or Inf."""
 
 
 @flax.struct.dataclass
@@ -112,167 +108,47 @@ def draw_batch(rng: jax.Array, pools: Pools, real_index: jax.Array,
   return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Fitter:
-  """Jitted init / train / predict functions of one task.
+class _SeedData(NamedTuple):
+  """What one seed's training program draws its batches from."""
 
-  Attributes:
-    task: the task.
-    cfg: the task's section (``steps``, ``batch_size``, ``steps_per_call``,
-      ``optim``).
-    init: ``(key, example_x) -> TrainState``.
-    run: ``(state, key, start, pools, real_index, real_count, arm) ->
-      (state, losses [K])`` runs ``steps_per_call`` steps from ``start``.
-    predict: ``(params, x [B, ...]) -> predictions [B, ...]``.
-    mesh: devices the batch is split over (data parallel).
-  """
+  pools: Pools
+  real_index: jax.Array
+  real_count: jax.Array
+  arm: Arm
 
-  task: Task
-  cfg: ml_collections.ConfigDict
-  init: Callable[..., TrainState]
-  run: Callable[..., Tuple[TrainState, jax.Array]]
-  predict: Callable[..., jax.Array]
-  mesh: jax.sharding.Mesh
+
+def _draw(rng: jax.Array, data: _SeedData, batch_size: int) -> Arrays:
+  return draw_batch(rng, data.pools, data.real_index, data.real_count,
+                    data.arm, batch_size)
 
 
 def make_fitter(task: Task, cfg: ml_collections.ConfigDict,
                 augment_fn: Optional[AugmentFn],
-                mesh: Optional[jax.sharding.Mesh] = None) -> Fitter:
-  """Builds (without compiling) the task's training programs.
-
-  Seeds run one after another through the same compiled program: on CPUs,
-  ``vmap`` over parameters turns every convolution into a grouped one,
-  which XLA runs about 1.5x slower than the same work in sequence.
-  """
-  tx = make_optimizer(cfg.optim, cfg.steps)
-  batch_size = int(cfg.batch_size)
-  mesh = mesh or sharding_lib.make_mesh(
-      ml_collections.ConfigDict(dict(mesh_data=-1, mesh_fsdp=1)))
-  if batch_size % mesh.size:
-    raise ValueError(f"{task.name}: batch_size={batch_size} must be "
-                     f"divisible by the {mesh.size} devices")
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-
-  def init(rng, x):
-    params = task.model.init({"params": rng}, x)["params"]
-    return create_state(params, tx, use_ema=False)
-
-  def loss_fn(params, batch, rng):
-    out = task.model.apply({"params": params}, task.x(batch), train=True,
-                           rngs={"dropout": rng})
-    return task.loss(out, batch)
-
-  def step(state, rng, pools, real_index, real_count, arm):
-    k_batch, k_aug, k_drop = jax.random.split(rng, 3)
-    batch = draw_batch(k_batch, pools, real_index, real_count, arm,
-                       batch_size)
-    # Batches are drawn on device; split them over the mesh (data parallel).
-    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    if augment_fn is not None:
-      batch = jax.lax.cond(arm.classical, lambda b: augment_fn(k_aug, b),
-                           lambda b: b, batch)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, k_drop)
-    return apply_gradients(state, tx, grads, ema=0.0, ema_warmup=0), loss
-
-  def run(state, key, start, pools, real_index, real_count, arm):
-    def body(state, i):
-      return step(state, jax.random.fold_in(key, i), pools, real_index,
-                  real_count, arm)
-    steps = start + jnp.arange(int(cfg.steps_per_call))
-    return jax.lax.scan(body, state, steps)
-
-  def predict(params, x):
-    return task.predict(task.model.apply({"params": params}, x))
-
-  # The state lives replicated on the mesh both after init and after run:
-  # with differing layouts the second call of run would compile again.
-  replicated = sharding_lib.replicated(mesh)
-  return Fitter(task, cfg, init=jax.jit(init, out_shardings=replicated),
-                run=jax.jit(run, donate_argnums=(0,),
-                            out_shardings=(replicated, replicated)),
-                predict=jax.jit(predict), mesh=mesh)
+                mesh: Optional[jax.sharding.Mesh] = None
+                ) -> supervised.Fitter:
+  """Builds (without compiling) the task's training programs; classical
+  augmentation (``augment_fn``) runs where the arm turns it on."""
+  augment = None
+  if augment_fn is not None:
+    def augment(rng, batch, data):
+      return jax.lax.cond(data.arm.classical, lambda b: augment_fn(rng, b),
+                          lambda b: b, batch)
+  return supervised.make_fitter(task, cfg, _draw, augment, mesh)
 
 
-def seed_keys(base_seed: int, num_seeds: int) -> List[jax.Array]:
-  """One key per seed; seed ``s`` of every arm starts from the same key.
-
-  ``rbg`` keys (see :func:`medgen_jax.runtime.init_key`): the init and
-  augmentation programs compile several times faster than with threefry.
-  """
-  return [jax.random.fold_in(runtime.init_key(base_seed), s)
-          for s in range(num_seeds)]
-
-
-def fit(fitter: Fitter, pools: Pools, arm: Arm, keys: Sequence[jax.Array],
-        desc: str = "fit") -> Tuple[List[TrainState], np.ndarray]:
+def fit(fitter: supervised.Fitter, pools: Pools, arm: Arm,
+        keys: Sequence[jax.Array], desc: str = "fit"
+        ) -> Tuple[List[TrainState], np.ndarray]:
   """Trains every seed of one cell; returns the states and losses ``[T, S]``.
 
   Raises:
-    DownstreamDivergedError: naming the cell, seed and step, if a loss is
+    supervised.DivergedError: naming the cell, seed and step, if a loss is
       NaN/Inf.
   """
-  cfg = fitter.cfg
-  if cfg.steps % cfg.steps_per_call:
-    raise ValueError(f"{fitter.task.name}: steps={cfg.steps} must be a "
-                     f"multiple of steps_per_call={cfg.steps_per_call}")
+  # Placed once: every seed's data shares the pools.
   pools = jax.device_put(pools, NamedSharding(fitter.mesh, P()))
-  example = fitter.task.x({k: v[:1] for k, v in pools.real.items()})
-  num_calls = cfg.steps // cfg.steps_per_call
-  states, losses = [], []
-  bar = runtime.progress(range(len(keys) * num_calls), len(keys) * num_calls,
-                         desc=desc, leave=False)
-  it = iter(bar)
-  for s, key in enumerate(keys):
-    state = fitter.init(key, example)
-    seed_losses = []
-    for call in range(num_calls):
-      next(it, None)
-      start = jnp.asarray(call * cfg.steps_per_call, jnp.int32)
-      state, loss = fitter.run(state, key, start, pools, pools.real_index[s],
-                               pools.real_count[s], arm)
-      loss = np.asarray(jax.device_get(loss))
-      if not np.all(np.isfinite(loss)):
-        bad = int(np.argmax(~np.isfinite(loss))) + call * cfg.steps_per_call
-        raise DownstreamDivergedError(
-            f"{desc}: non-finite {fitter.task.name} loss at seed {s} step "
-            f"{bad}; lower study.tasks.{fitter.task.name}.optim.lr or check "
-            "the data")
-      seed_losses.append(loss)
-    states.append(state)
-    losses.append(np.concatenate(seed_losses))
-  bar.close()
-  return states, np.stack(losses, axis=1)
-
-
-def map_chunks(fn: Callable[[np.ndarray], jax.Array], x: np.ndarray,
-               chunk: int = 256) -> np.ndarray:
-  """``fn`` over ``x [N, ...]`` in chunks, results concatenated ``[N, ...]``.
-
-  The last chunk is zero-padded so every call has the same shape (one
-  compilation for any data-set size).
-  """
-  n = len(x)
-  chunk = min(chunk, n)
-  outs = []
-  for i in range(0, n, chunk):
-    part = x[i:i + chunk]
-    pad = chunk - len(part)
-    if pad:
-      part = np.concatenate([part, np.zeros((pad,) + part.shape[1:],
-                                            part.dtype)])
-    outs.append(np.asarray(jax.device_get(fn(part)))[:chunk - pad])
-  return np.concatenate(outs)
-
-
-def predict_all(fitter: Fitter, params: Any, x: np.ndarray,
-                chunk: int = 256) -> np.ndarray:
-  """Predictions ``[N, ...]`` of ``params`` on ``x [N, ...]``."""
-  return map_chunks(lambda part: fitter.predict(params, part), x, chunk)
-
-
-def score_seeds(fitter: Fitter, states: Sequence[TrainState],
-                test: Dict[str, np.ndarray]) -> List[Dict[str, float]]:
-  """Held-out metrics of every seed: a list of ``S`` metric dicts."""
-  x = fitter.task.x(test)
-  return [fitter.task.score(predict_all(fitter, st.params, x), test)
-          for st in states]
+  data = [_SeedData(pools, pools.real_index[s], pools.real_count[s], arm)
+          for s in range(len(keys))]
+  example = {k: v[:1] for k, v in pools.real.items()}
+  return supervised.fit(fitter, keys, data, example, desc=desc,
+                        lr_key=f"study.tasks.{fitter.task.name}.optim.lr")

@@ -32,9 +32,9 @@ from medgen_jax.data import augment as augment_lib
 from medgen_jax.data import pipeline
 from medgen_jax.downstream import fit as fit_lib
 from medgen_jax.downstream import synthetic as synthetic_lib
-from medgen_jax.downstream import tasks as tasks_lib
 from medgen_jax.eval import encoder as encoder_lib
 from medgen_jax.eval import generative
+from medgen_jax.eval import tasks as tasks_lib
 from medgen_jax.train import trainer
 
 Arrays = Dict[str, np.ndarray]
@@ -156,6 +156,25 @@ def train_generators(config, workdir: str) -> Dict[str, Dict[str, Any]]:
   return out
 
 
+def synthetic_inputs(config, gen: Dict[str, Any]) -> Dict[str, Any]:
+  """What a synthetic set depends on, as its ``provenance.json`` records
+  it: sampling count and seed, the generator's checkpoint step, its whole
+  config (model, sampler, ...) and the frozen inputs it was trained with
+  (a stage-1 autoencoder, a perceptual network), so changing any of them
+  resamples."""
+  sc = config.study
+  frozen = None
+  path = os.path.join(gen["workdir"], "frozen_inputs.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      frozen = json.load(f)
+  return dict(per_class=sc.synthetic_per_class, seed=sc.synthetic_seed,
+              checkpoint_step=int(gen["config"].train.num_steps),
+              generator_config=json.loads(json.dumps(
+                  gen["config"].to_dict(), default=str)),
+              frozen_inputs=frozen)
+
+
 def make_synthetic(config, workdir: str, gens: Dict[str, Dict[str, Any]]
                    ) -> Dict[str, Arrays]:
   """Samples and exports each generator's synthetic set (cached)."""
@@ -164,12 +183,7 @@ def make_synthetic(config, workdir: str, gens: Dict[str, Dict[str, Any]]
   for run, g in gens.items():
     directory = os.path.join(workdir, "synthetic", run)
     prov_path = os.path.join(directory, "provenance.json")
-    # The whole generator config (model, sampler, ...) as provenance.json
-    # records it: changing the sampler resamples.
-    want = dict(per_class=sc.synthetic_per_class, seed=sc.synthetic_seed,
-                checkpoint_step=int(g["config"].train.num_steps),
-                generator_config=json.loads(json.dumps(
-                    g["config"].to_dict(), default=str)))
+    want = synthetic_inputs(config, g)
     if os.path.exists(prov_path):
       with open(prov_path) as f:
         prov = json.load(f)
@@ -189,6 +203,7 @@ def make_synthetic(config, workdir: str, gens: Dict[str, Dict[str, Any]]
         mask_keys=list(gen_cfg.data.get("mask_channels", ())),
         num_classes=int(gen_cfg.data.num_classes),
         normalization=res["meta"].get("normalization"),
+        frozen_inputs=want["frozen_inputs"],
         sampling_seconds=res["seconds"])
     synthetic_lib.export(directory, res["arrays"], provenance,
                          config.data.spatial_dims, nifti=sc.export_nifti)

@@ -24,9 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from medgen_jax import runtime
+from medgen_jax import sampling
 from medgen_jax import viz
-from medgen_jax.data import pipeline
 from medgen_jax.data.builders import synthetic as synthetic_builder
 from medgen_jax.train import trainer
 
@@ -53,34 +52,17 @@ def generate(gen_config: ml_collections.ConfigDict, gen_workdir: str,
   """
   exp, step, state, meta = trainer.load_for_sampling(gen_config, gen_workdir)
   num_classes = int(gen_config.data.num_classes)
-  conditional = gen_config.data.cond == "label"
   labels = np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
-  batch_size = int(batch_size or gen_config.sample.batch_size)
-  sample_fn = jax.jit(exp.method.sample, static_argnums=2)
-  rng = jax.random.key(seed)
+  cond = {"label": labels} if sampling.conditional(gen_config.data) else None
   t0 = time.time()
-  chunks = []
-  num_batches = -(-len(labels) // batch_size)
-  for i in runtime.progress(range(num_batches), num_batches,
-                            desc="synthesise", leave=False):
-    part = labels[i * batch_size:(i + 1) * batch_size]
-    padded = np.resize(part, batch_size)  # same shape every call.
-    cond = {"label": padded} if conditional else None
-    out = sample_fn(state, jax.random.fold_in(rng, i), batch_size, cond)
-    chunks.append(np.asarray(jax.device_get(out["image"]))[:len(part)])
-  image = np.concatenate(chunks)
+  arrays: Arrays = sampling.draw(
+      exp.method, state, gen_config.data, len(labels), jax.random.key(seed),
+      int(batch_size or gen_config.sample.batch_size), cond,
+      desc="synthesise")
   mask_keys = tuple(gen_config.data.get("mask_channels", ()))
-  contrasts, masks = pipeline.split_mask_channels(
-      image, len(gen_config.data.contrasts))
-  arrays: Arrays = {"image": contrasts.astype(np.float32)}
-  for j, k in enumerate(mask_keys):
-    arrays[k] = masks[..., j]
-  if conditional:
-    arrays["label"] = labels
-  elif mask_keys:
-    arrays["label"] = mask_label(arrays[mask_keys[0]])
-  else:
-    arrays["label"] = np.zeros(len(image), np.int32)
+  if "label" not in arrays:
+    arrays["label"] = (mask_label(arrays[mask_keys[0]]) if mask_keys
+                       else np.zeros(len(labels), np.int32))
   return {"arrays": arrays, "step": int(step), "meta": meta,
           "seconds": time.time() - t0}
 

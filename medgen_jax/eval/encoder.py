@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from medgen_jax.downstream import fit as fit_lib
-from medgen_jax.downstream import tasks as tasks_lib
+from medgen_jax.eval import tasks as tasks_lib
+from medgen_jax.train import supervised
 
 PyTree = Any
 CARD = "encoder.json"
@@ -52,8 +52,8 @@ class Encoder:
 
 def _features(model, params, x: np.ndarray, chunk: int) -> np.ndarray:
   fn = _jitted_features(model)
-  return fit_lib.map_chunks(lambda part: fn(params, part), x,
-                            chunk).astype(np.float64)
+  return supervised.map_chunks(lambda part: fn(params, part), x,
+                               chunk).astype(np.float64)
 
 
 _FEATURE_FNS: Dict[Any, Any] = {}
@@ -127,20 +127,15 @@ def train_or_load(cfg: ml_collections.ConfigDict, contrasts, spatial_dims: int,
           ["params"])
       params = ocp.StandardCheckpointer().restore(params_dir, abstract)
       return Encoder(task, params, card)
-  fitter = fit_lib.make_fitter(task, cfg, augment_fn=None)
-  n = len(train["image"])
-  pools = fit_lib.Pools(
-      real={"image": jnp.asarray(train["image"]),
-            "label": jnp.asarray(train["label"])},
-      real_index=jnp.arange(n, dtype=jnp.int32)[None],
-      real_count=jnp.asarray([n], jnp.int32),
-      synthetic={"image": jnp.asarray(train["image"][:1]),
-                 "label": jnp.asarray(train["label"][:1])},
-      synthetic_count=jnp.asarray(0, jnp.int32))
-  states, losses = fit_lib.fit(fitter, pools, fit_lib.make_arm(0.0, False),
-                               fit_lib.seed_keys(cfg.seed, 1), desc="encoder")
+  fitter = supervised.make_fitter(task, cfg)
+  data = {"image": jnp.asarray(train["image"]),
+          "label": jnp.asarray(train["label"])}
+  states, losses = supervised.fit(
+      fitter, supervised.seed_keys(cfg.seed, 1), [data],
+      {"image": train["image"][:1]}, desc="encoder",
+      lr_key="encoder.optim.lr")
   params = states[0].params
-  scores = fit_lib.score_seeds(fitter, states, held_out)[0]
+  scores = supervised.score_seeds(fitter, states, held_out)[0]
   card = dict(settings=settings, held_out_scores=scores,
               final_loss=float(losses[-10:].mean()),
               feature_dim=int(cfg.width * 2 ** (len(cfg.stage_sizes) - 1)),

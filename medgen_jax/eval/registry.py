@@ -24,7 +24,6 @@ different steps are computed from the same noise.
 import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import os
 import time
@@ -36,10 +35,12 @@ import ml_collections
 import numpy as np
 
 from medgen_jax import jsonl
-from medgen_jax import runtime
+from medgen_jax import sampling
 from medgen_jax.data import pipeline
 from medgen_jax.eval import features as feature_metrics
 from medgen_jax.eval import inception
+from medgen_jax.methods import base as methods
+from medgen_jax.train import state as state_lib
 
 Arrays = Dict[str, np.ndarray]
 PyTree = Any
@@ -175,76 +176,22 @@ class RealData:
 # ------------------------------------------------------------ sampling ----
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_sample(method) -> Callable:
-  # One compiled sampler per method object, shared by every evaluator.
-  return jax.jit(method.sample, static_argnums=2)
-
-
-def sample_labels(mode: str, num: int, num_classes: int,
-                  heldout_labels: Optional[np.ndarray] = None) -> np.ndarray:
-  """Class labels ``[num]`` for a conditional generator, sorted by class.
-
-  ``balanced``: equal counts (the first classes get the remainder);
-  ``heldout``: the class frequencies of ``heldout_labels`` (largest
-  remainder rounding), so FID compares like with like when real classes are
-  imbalanced.
-  """
-  if mode == "balanced":
-    p = np.full(num_classes, 1.0 / num_classes)
-  elif mode == "heldout":
-    counts = np.bincount(np.asarray(heldout_labels), minlength=num_classes)
-    p = counts / counts.sum()
-  else:
-    raise ValueError(f"labels={mode!r} must be 'balanced' or 'heldout'")
-  exact = p * num
-  counts = np.floor(exact).astype(np.int64)
-  order = np.argsort(-(exact - counts), kind="stable")
-  counts[order[:num - counts.sum()]] += 1
-  return np.repeat(np.arange(num_classes, dtype=np.int32), counts)
-
-
 def sample_set(method, state: PyTree, config: ml_collections.ConfigDict,
                num: int, batch_size: int, rng: jax.Array,
                labels: Optional[np.ndarray] = None) -> Arrays:
-  """``num`` samples from ``method.sample`` (EMA parameters when present).
-
-  Every call uses the same batch shape (the last batch is padded), so the
-  sampler compiles once. Batch ``i`` uses ``fold_in(rng, i)``.
-
-  Returns:
-    ``image [num, *spatial, C]`` (contrasts in [-1, 1]), the masks of
-    ``data.mask_channels`` as uint8 ``[num, *spatial]``, and ``label``
-    when ``labels`` is given (conditional generators).
-  """
-  fn = _jitted_sample(method)
-  chunks = []
-  num_batches = -(-num // batch_size)
-  for i in runtime.progress(range(num_batches), num_batches,
-                            desc="eval samples", leave=False):
-    cond = None
-    if labels is not None:
-      part = labels[i * batch_size:(i + 1) * batch_size]
-      cond = {"label": np.resize(part, batch_size)}
-    out = fn(state, jax.random.fold_in(rng, i), batch_size, cond)
-    chunks.append(np.asarray(jax.device_get(out["image"])))
-  image = np.concatenate(chunks)[:num]
-  d = config.data
-  contrasts, masks = pipeline.split_mask_channels(image, len(d.contrasts))
-  out = {"image": contrasts.astype(np.float32)}
-  for j, k in enumerate(d.get("mask_channels", ())):
-    out[k] = masks[..., j]
-  if labels is not None:
-    out["label"] = np.asarray(labels, np.int32)
-  return out
+  """``num`` samples through :func:`medgen_jax.sampling.draw` (labels
+  given for a conditional generator, none otherwise)."""
+  cond = None if labels is None else {"label": labels}
+  return sampling.draw(method, state, config.data, num, rng, batch_size,
+                       cond, desc="eval samples")
 
 
 def _conditional_labels(config, fields, real: RealData) -> Optional[np.ndarray]:
-  if config.data.cond != "label":
+  if not sampling.conditional(config.data):
     return None
   heldout = real.heldout.get("label") if fields.labels == "heldout" else None
-  return sample_labels(fields.labels, fields.num_samples,
-                       int(config.data.num_classes), heldout)
+  return sampling.labels_for(fields.labels, fields.num_samples,
+                             int(config.data.num_classes), heldout)
 
 
 def _sampling_card(config, fields, num: int) -> Dict[str, Any]:
@@ -324,8 +271,8 @@ def encoder_config(config: ml_collections.ConfigDict,
 def _generative(config, name, fields, workdir, real: RealData) -> EvalFn:
   """In-domain FID, KID, precision/recall, density/coverage, MS-SSIM
   diversity, label agreement and the memorization audit."""
-  # Imported here: the encoder pulls in the downstream models and trainers,
-  # which config validation (this module's other user) does not need.
+  # Imported here: the encoder pulls in the supervised trainer, which
+  # config validation (this module's other user) does not need.
   from medgen_jax.eval import encoder as encoder_lib  # pylint: disable=import-outside-toplevel
   from medgen_jax.eval import generative  # pylint: disable=import-outside-toplevel
   d = config.data
@@ -546,14 +493,11 @@ LOSS_DEFAULTS = dict(
 
 @functools.lru_cache(maxsize=8)
 def _jitted_loss(method) -> Callable:
-  loss_fn = getattr(method, "loss_fn", None)
-  if loss_fn is None:
-    raise ValueError(f"{type(method).__name__} has no loss_fn(params, batch, "
+  loss = getattr(method, "loss", None)
+  if loss is None:
+    raise ValueError(f"{type(method).__name__} has no loss(state, batch, "
                      "rng): the 'loss' evaluator cannot score it")
-  if "train" in inspect.signature(loss_fn).parameters:
-    # Dropout off: the validation loss of the deterministic network.
-    loss_fn = functools.partial(loss_fn, train=False)
-  return jax.jit(loss_fn)
+  return jax.jit(loss)
 
 
 def _loss(config, name, fields, workdir, real: RealData) -> EvalFn:
@@ -575,10 +519,8 @@ def _loss(config, name, fields, workdir, real: RealData) -> EvalFn:
 
   def run(method, state) -> Result:
     fn = _jitted_loss(method)
-    params = state.params
-    if fields.params == "ema" and state.ema_params is not None:
-      params = state.ema_params
-    losses = np.asarray([float(fn(params, b, k))
+    state = state_lib.with_eval_params(state, fields.params)
+    losses = np.asarray([float(fn(state, b, k))
                          for b, k in zip(batches, keys)])
     return Result(dict(loss=float(losses.mean()),
                        loss_std=float(losses.std())),
@@ -601,6 +543,89 @@ def _loss_errors(config, prefix: str, f) -> List[str]:
   return errors
 
 
+# ------------------------------------------------------- reconstruction ----
+
+
+RECONSTRUCTION_DEFAULTS = dict(
+    # "": data.eval_split.
+    split="",
+    # 0: the whole split.
+    num_examples=256,
+    # 0: data.batch_size.
+    batch_size=0,
+    seed=0)
+
+
+def _reconstruction(config, name, fields, workdir, real: RealData) -> EvalFn:
+  """PSNR, SSIM and MAE of the method's reconstructions of held-out
+  images (contrasts in [-1, 1], data range 2), and the Dice of the
+  reconstructed masks when the method also models ``data.mask_channels``."""
+  del name, workdir
+  from medgen_jax.eval import image as image_metrics  # pylint: disable=import-outside-toplevel
+  from medgen_jax.eval import segmentation  # pylint: disable=import-outside-toplevel
+  d = config.data
+  split = fields.split or d.eval_split
+  arrays = real.model_inputs(split)
+  n = len(arrays["image"])
+  if fields.num_examples:
+    n = min(n, fields.num_examples)
+  rows = np.sort(np.random.default_rng(fields.seed).permutation(
+      len(arrays["image"]))[:n])
+  batch = {k: v[rows] for k, v in arrays.items()}
+  target = sampling.split_outputs(batch["image"], d)
+  batch_size = fields.batch_size or d.batch_size
+  # The largest odd SSIM window (<= 11) the images hold.
+  win = min(11, min(target["image"].shape[1:-1]))
+  win -= 1 - win % 2
+  card = dict(split=split, num_examples=int(n), seed=fields.seed,
+              data_range=2.0, ssim_window=int(win),
+              params="EMA parameters when the method keeps them",
+              mask_threshold="reconstructed mask channel > 0",
+              mask_dice="mean over examples with foreground in either mask")
+
+  def run(method, state) -> Result:
+    out = sampling.reconstruct(method, state, d, batch,
+                               jax.random.key(fields.seed), batch_size)
+    x, y = target["image"], out["image"]
+    metrics = dict(psnr=float(np.mean(image_metrics.psnr(x, y, 2.0))),
+                   ssim=float(np.mean(image_metrics.ssim(x, y, 2.0, win))),
+                   mae=float(np.mean(image_metrics.mae(x, y))))
+    if methods.has(method, "encode"):
+      metrics.update(_latent_stats(method, state, batch, batch_size,
+                                   jax.random.key(fields.seed)))
+    for k in d.get("mask_channels", ()):
+      # Over the examples with foreground in either mask (NaN when none).
+      dice = segmentation.dice(out[k] > 0, target[k] > 0, labels=(1,))
+      metrics[f"{k}_dice"] = (float(np.nanmean(dice))
+                              if np.isfinite(dice).any() else float("nan"))
+    return Result(metrics, dict(num_examples=int(n)), card)
+
+  return run
+
+
+def _latent_stats(method, state, batch: Arrays, batch_size: int,
+                  rng: jax.Array) -> Dict[str, float]:
+  """Mean and standard deviation of continuous latents, and the scale
+  factor 1 / std that latent diffusion multiplies them by (Rombach et al.
+  2022); nothing for discrete codes."""
+  z = sampling.encode(method, state, batch, rng, batch_size)
+  if not np.issubdtype(z.dtype, np.floating):
+    return {}
+  std = float(np.std(z))
+  return dict(latent_mean=float(np.mean(z)), latent_std=std,
+              latent_scale_factor=1.0 / max(std, 1e-12))
+
+
+def _reconstruction_errors(config, prefix: str, f) -> List[str]:
+  del config
+  errors: List[str] = []
+  for k in ("num_examples", "batch_size", "seed"):
+    _min_int(errors, f"{prefix}.{k}", f[k], 0)
+  if not isinstance(f.split, str):
+    errors.append(f"{prefix}.split={f.split!r} must be a split name")
+  return errors
+
+
 # ------------------------------------------------------------- registry ----
 
 
@@ -615,6 +640,10 @@ TYPES: Mapping[str, EvaluatorType] = types.MappingProxyType({
     "loss": EvaluatorType(
         _loss, LOSS_DEFAULTS, _loss_errors,
         "the method's loss on a held-out split (validation loss)"),
+    "reconstruction": EvaluatorType(
+        _reconstruction, RECONSTRUCTION_DEFAULTS, _reconstruction_errors,
+        "PSNR/SSIM/MAE (and mask Dice) of an autoencoder's reconstructions "
+        "of held-out images"),
 })
 DEFAULT_EVALS = {"generative": {"type": "generative"}}
 

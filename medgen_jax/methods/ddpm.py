@@ -6,20 +6,23 @@ Optional label conditioning with classifier-free guidance (Ho & Salimans,
 unconditional predictions with ``config.sample.guidance_scale``.
 """
 
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from medgen_jax import checks
 from medgen_jax.diffusion import samplers
 from medgen_jax.diffusion import schedules
 from medgen_jax.methods.base import Batch, Metrics
+from medgen_jax.nn import unet as unet_lib
 from medgen_jax.nn.unet import UNet
 from medgen_jax.train import microbatch
 from medgen_jax.train import optim
 from medgen_jax.train.optim import make_optimizer
-from medgen_jax.train.state import TrainState, apply_gradients, create_state
+from medgen_jax.train.state import (TrainState, apply_gradients,
+                                    create_state, eval_params)
 
 PyTree = Any
 
@@ -118,6 +121,12 @@ class DDPM:
     """
     return self.loss_given(params, batch, self.draw(rng, batch), train)
 
+  def loss(self, state: TrainState, batch: Batch,
+           rng: jax.Array) -> jax.Array:
+    """The validation loss: :meth:`loss_fn` of ``state.params`` with
+    dropout off."""
+    return self.loss_fn(state.params, batch, rng, train=False)
+
   def grad_step(self, state: TrainState, batch: Batch,
                 rng: jax.Array) -> Tuple[PyTree, Metrics]:
     """The first half of :meth:`train_step`: the loss's gradients with
@@ -162,7 +171,7 @@ class DDPM:
       ``{"image": [num, *image_shape] float32 in [-1, 1]}`` plus
       ``"label": [num] int32`` when conditional.
     """
-    params = state.ema_params if state.ema_params is not None else state.params
+    params = eval_params(state)
     s = self.config.sample
     labels = None
 
@@ -179,6 +188,9 @@ class DDPM:
         lambda x, t, y=None: self.model.apply({"params": params}, x, t, y,
                                               train=False), n)
 
+    if isinstance(cond, Mapping) and set(cond) - {"label"}:
+      raise ValueError(f"DDPM is conditioned on labels only; got "
+                       f"{sorted(cond)}")
     if self.conditional:
       if cond is None:
         labels = jnp.arange(num, dtype=jnp.int32) % self.num_classes
@@ -223,6 +235,39 @@ def guidance_scales(sample_config: ml_collections.ConfigDict,
                        f"scale per class ({num_classes})")
     return tuple(float(w) for w in per_class)
   return (float(sample_config.guidance_scale),) * max(num_classes, 1)
+
+
+METHOD_KEYS = ("name", "schedule", "timesteps", "prediction", "p_uncond")
+SAMPLE_KEYS = ("sampler", "steps", "eta", "guidance_scale",
+               "guidance_per_class", "num", "batch_size")
+OPTIONAL_SAMPLE_KEYS = ("microbatches", "clip_x0")
+
+
+def config_errors(config: ml_collections.ConfigDict) -> List[str]:
+  """Problems of the ``method``, ``model`` and ``sample`` sections."""
+  errors: List[str] = []
+  d, me, s = config.data, config.method, config.sample
+  errors += unet_lib.config_errors(config.model, d.res)
+  if checks.section_keys(errors, "method", me, METHOD_KEYS, "ddpm"):
+    checks.one_of(errors, "method.schedule", me.schedule,
+                  ("linear", "cosine"))
+    checks.one_of(errors, "method.prediction", me.prediction, ("eps", "v"))
+    checks.positive(errors, "method.timesteps", me.timesteps)
+    checks.in_range(errors, "method.p_uncond", me.p_uncond, 0.0, 1.0)
+  given = {k: v for k, v in s.items() if k not in OPTIONAL_SAMPLE_KEYS}
+  if not checks.section_keys(errors, "sample", given, SAMPLE_KEYS, "ddpm"):
+    return errors
+  checks.one_of(errors, "sample.sampler", s.sampler, ("ddpm", "ddim"))
+  per_class = tuple(s.get("guidance_per_class", ()) or ())
+  if per_class and (d.cond != "label" or len(per_class) != d.num_classes):
+    errors.append(f"sample.guidance_per_class={per_class} needs "
+                  f"data.cond='label' and one scale per class "
+                  f"(data.num_classes={d.num_classes})")
+  if (s.sampler == "ddim" and isinstance(me.get("timesteps"), int) and
+      not 0 < s.steps <= me.timesteps):
+    errors.append(f"sample.steps={s.steps} must be in [1, "
+                  f"method.timesteps={me.timesteps}]")
+  return errors
 
 
 def make(config: ml_collections.ConfigDict, example_batch: Batch) -> DDPM:

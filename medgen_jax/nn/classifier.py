@@ -84,18 +84,21 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
-               return_features: bool = False
-               ) -> jax.Array | Tuple[jax.Array, jax.Array]:
+               return_features: bool = False, return_stages: bool = False
+               ) -> jax.Array | Tuple[jax.Array, ...]:
     """Classifies ``x``.
 
     Args:
       x: ``[B, *spatial, C]`` images.
       train: enables dropout (needs a ``"dropout"`` rng).
       return_features: also return the pooled penultimate features.
+      return_stages: also return every stage's output (a perceptual loss's
+        feature maps), as a tuple last.
 
     Returns:
-      logits ``[B, num_classes]``, and features ``[B, width * 2**(S-1)]``
-      when ``return_features``.
+      logits ``[B, num_classes]``, then features ``[B, width * 2**(S-1)]``
+      when ``return_features``, then ``(stage_0, ...)`` (``[B, *spatial /
+      2**i, width * 2**i]``) when ``return_stages``.
     """
     if x.ndim != self.spatial_dims + 2:
       raise ValueError(f"ResNet(spatial_dims={self.spatial_dims}) expects "
@@ -103,15 +106,19 @@ class ResNet(nn.Module):
     kw = dict(spatial_dims=self.spatial_dims, dtype=self.dtype,
               conv_lowering=self.conv_lowering)
     h = layers.Conv(self.width, 3, **kw)(x)
+    stages = []
     for stage, size in enumerate(self.stage_sizes):
       for block in range(size):
         strides = 2 if stage > 0 and block == 0 else 1
         h = BasicBlock(self.width * 2**stage, strides, self.num_groups,
                        **kw)(h)
+      stages.append(h)
     h = layers.group_norm(h.shape[-1], self.num_groups, self.dtype,
                           silu=True)(h)
     features = jnp.mean(h.astype(jnp.float32),
                         axis=tuple(range(1, 1 + self.spatial_dims)))
     h = nn.Dropout(self.dropout, deterministic=not train)(features)
     logits = nn.Dense(self.num_classes, name="head")(h)
-    return (logits, features) if return_features else logits
+    out = (logits,) + ((features,) if return_features else ()) + (
+        (tuple(stages),) if return_stages else ())
+    return out if len(out) > 1 else logits

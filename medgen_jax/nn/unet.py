@@ -1,12 +1,14 @@
 """DDPM/ADM-style U-Net noise-prediction network, in 2D or 3D."""
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medgen_jax import checks
+from medgen_jax.nn import conv as conv_lib
 from medgen_jax.nn import layers
 
 
@@ -131,3 +133,44 @@ class UNet(nn.Module):
     elif y is not None:
       raise ValueError("labels given to an unconditional UNet (num_classes=0)")
     return emb
+
+
+# The ``model`` section a :class:`UNet` is built from.
+MODEL_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+              "num_heads", "dropout", "num_groups", "dtype", "conv_lowering")
+
+
+def pyramid_errors(model, res, prefix: str = "model") -> List[str]:
+  """Problems of a conv pyramid's ``ch``/``ch_mult``/``num_groups``/
+  ``dtype``/``conv_lowering`` at image side ``res`` (U-Nets and the
+  autoencoders alike)."""
+  errors: List[str] = []
+  levels = len(model.ch_mult)
+  if not levels:
+    errors.append(f"{prefix}.ch_mult is empty")
+  elif isinstance(res, int) and res % (2 ** (levels - 1)):
+    errors.append(f"data.res={res} must be divisible by 2**(len({prefix}."
+                  f"ch_mult)-1)={2 ** (levels - 1)}")
+  for mult in model.ch_mult:
+    if (model.ch * mult) % model.num_groups:
+      errors.append(f"{prefix}.num_groups={model.num_groups} must divide "
+                    f"every level's channels (ch*ch_mult = "
+                    f"{model.ch * mult})")
+      break
+  checks.one_of(errors, f"{prefix}.dtype", model.dtype,
+                ("float32", "bfloat16"))
+  checks.one_of(errors, f"{prefix}.conv_lowering", model.conv_lowering,
+                conv_lib.LOWERINGS)
+  return errors
+
+
+def config_errors(model, res) -> List[str]:
+  """Problems of a U-Net ``model`` section at image side ``res``."""
+  errors: List[str] = []
+  if not checks.section_keys(errors, "model", model, MODEL_KEYS, "the U-Net"):
+    return errors
+  errors += pyramid_errors(model, res)
+  if model.ch_mult and (model.ch * model.ch_mult[-1]) % model.num_heads:
+    errors.append(f"model.num_heads={model.num_heads} must divide the "
+                  f"middle attention's channels ({model.ch * model.ch_mult[-1]})")
+  return errors

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +24,16 @@ from clu import parameter_overview
 
 from medgen_jax import jsonl
 from medgen_jax import runtime
+from medgen_jax import sampling
 from medgen_jax import viz
 from medgen_jax.data import pipeline
 from medgen_jax.eval import registry as eval_registry
 from medgen_jax.methods import base as methods
 from medgen_jax.train import checkpoint
+from medgen_jax.train import frozen as frozen_lib
 from medgen_jax.train import interrupts as interrupts_lib
 from medgen_jax.train import sharding as sharding_lib
+from medgen_jax.train import state as state_lib
 
 PyTree = Any
 
@@ -52,6 +55,8 @@ class Experiment:
   init_rng: jax.Array
   train_rng: jax.Array
   sample_rng: jax.Array
+  # Inputs read from other runs (``state.frozen``), or None.
+  frozen: Optional[frozen_lib.FrozenInputs] = None
 
 
 def example_batch(data: pipeline.TrainData,
@@ -74,9 +79,37 @@ def build_experiment(config: ml_collections.ConfigDict,
   _, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
   init_rng = runtime.init_key(config.seed)
   abstract_state = jax.eval_shape(method.init, init_rng, batch)
+  frozen = method.frozen_inputs() if methods.has(method,
+                                                 "frozen_inputs") else None
+  if frozen is not None:
+    abstract_state = abstract_state.replace(
+        frozen=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            frozen.tree))
   shardings = sharding_lib.state_shardings(mesh, abstract_state, config.train)
   return Experiment(config, mesh, data, method, abstract_state, shardings,
-                    init_rng, train_rng, sample_rng)
+                    init_rng, train_rng, sample_rng, frozen)
+
+
+def attach_frozen(exp: Experiment, state: PyTree) -> PyTree:
+  """``state`` with the experiment's frozen inputs placed on the mesh (a
+  fresh or restored state has none: checkpoints leave them out)."""
+  if exp.frozen is None:
+    return state
+  return state.replace(frozen=jax.device_put(exp.frozen.tree,
+                                             exp.state_shardings.frozen))
+
+
+def restore_state(exp: Experiment, mngr, step: Optional[int] = None
+                  ) -> Tuple[int, PyTree, Dict[str, Any]]:
+  """A checkpoint restored onto the mesh, with the frozen inputs attached;
+  refuses one trained on other frozen inputs than the config names."""
+  step, state, meta = checkpoint.restore(
+      mngr, state_lib.for_checkpoint(exp.abstract_state),
+      state_lib.for_checkpoint(exp.state_shardings), step)
+  frozen_lib.check_same(meta.get("frozen"),
+                        exp.frozen.record if exp.frozen else None,
+                        f"{mngr.directory}/{step}")
+  return step, attach_frozen(exp, state), meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,17 +216,21 @@ def jit_train_step(exp: Experiment) -> TrainStep:
 
 def init_state(exp: Experiment) -> PyTree:
   batch = example_batch(exp.data, exp.mesh)
-  init = jax.jit(exp.method.init, out_shardings=exp.state_shardings)
+  init = jax.jit(exp.method.init,
+                 out_shardings=state_lib.for_checkpoint(exp.state_shardings))
   state = jax.block_until_ready(init(exp.init_rng, batch))
   runtime.release_free_memory()
-  return state
+  return attach_frozen(exp, state)
 
 
 def checkpoint_meta(exp: Experiment) -> Dict[str, Any]:
-  return {"normalization": {k: list(v) for k, v in exp.data.stats.items()},
+  meta = {"normalization": {k: list(v) for k, v in exp.data.stats.items()},
           "contrasts": list(exp.config.data.contrasts),
           "image_shape": list(exp.data.image_shape),
           "method": exp.config.method.name}
+  if exp.frozen is not None:
+    meta["frozen"] = exp.frozen.record
+  return meta
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -242,12 +279,41 @@ def _average_metrics(names) -> type:
       **{k: clu_metrics.Average.from_output(k) for k in names})
 
 
-def write_sample_grid(exp: Experiment, state: PyTree, sample_fn: Callable,
-                      path: str, num: int) -> np.ndarray:
-  """Samples ``num`` images with a fixed key, saves the grid PNG, returns it."""
-  out = sample_fn(state, exp.sample_rng, num)
-  images = np.asarray(jax.device_get(out["image"]))
-  grid = viz.image_grid(images, exp.config.data.spatial_dims)
+def write_sample_grid(exp: Experiment, state: PyTree, path: str,
+                      num: int) -> np.ndarray:
+  """Draws ``num`` examples with a fixed key (balanced classes), saves the
+  grid PNG (first contrast, masks overlaid) and returns it."""
+  d = exp.config.data
+  out = sampling.draw_for_classes(exp.method, state, d, num, exp.sample_rng,
+                                  num)
+  return _save_grid(out, d, path)
+
+
+def write_reconstruction_grid(exp: Experiment, state: PyTree, path: str,
+                              num: int) -> np.ndarray:
+  """Rows of real training examples and below each its reconstruction (a
+  method with ``reconstruct``); saves the PNG and returns it."""
+  d = exp.config.data
+  batch = jax.device_get(exp.data.batcher.batch(0))
+  batch = {k: np.asarray(v[:num]) for k, v in batch.items()}
+  recon = sampling.reconstruct(exp.method, state, d, batch, exp.sample_rng,
+                               len(batch["image"]))
+  real = sampling.split_outputs(batch["image"], d)
+  cols = max(1, int(np.ceil(np.sqrt(len(batch["image"])))))
+  rows = []
+  for i in range(0, len(batch["image"]), cols):
+    rows += [{k: v[i:i + cols] for k, v in real.items()},
+             {k: v[i:i + cols] for k, v in recon.items()}]
+  both = {k: np.concatenate([r[k] for r in rows]) for k in real}
+  return _save_grid(both, d, path, ncol=cols)
+
+
+def _save_grid(out: Dict[str, np.ndarray], d, path: str,
+               ncol: Optional[int] = None) -> np.ndarray:
+  mask_keys = tuple(d.get("mask_channels", ()))
+  masks = out[mask_keys[0]] if mask_keys else None
+  grid = viz.image_grid(out["image"], d.spatial_dims, masks=masks,
+                        ncol=ncol)
   viz.save_png(grid, path)
   return grid
 
@@ -255,8 +321,7 @@ def write_sample_grid(exp: Experiment, state: PyTree, sample_fn: Callable,
 def restore_or_init(exp: Experiment, mngr) -> Tuple[int, PyTree]:
   """Latest checkpoint in the workdir if any, else a fresh state."""
   if mngr.latest_step() is not None:
-    step, state, _ = checkpoint.restore(mngr, exp.abstract_state,
-                                        exp.state_shardings)
+    step, state, _ = restore_state(exp, mngr)
     logging.info("Resumed from checkpoint step %d in %s", step,
                  mngr.directory)
     return step, state
@@ -308,7 +373,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                exp.data.batcher.num_examples, dict(exp.mesh.shape))
 
   train_step = jit_train_step(exp)
-  sample_fn = jax.jit(exp.method.sample, static_argnums=2)
+  if exp.frozen is not None:
+    _write_json(os.path.join(workdir, "frozen_inputs.json"),
+                exp.frozen.record)
   # Built once (reads data, loads or trains the in-domain encoder); only
   # evaluators with every_steps > 0 run during training.
   evaluators = eval_registry.build_all(config, workdir, periodic_only=True)
@@ -353,15 +420,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
             _append_jsonl(jsonl, {"step": step, "split": "train", **last})
           if step % tc.ckpt_every == 0 or step == tc.num_steps:
             with report.timed("checkpoint"):
-              checkpoint.save(mngr, step, state, meta)
+              checkpoint.save(mngr, step, state_lib.for_checkpoint(state),
+                              meta)
         if tc.sample_every and (step % tc.sample_every == 0 or
                                 step == tc.num_steps):
           with report.timed("sample"):
-            path = os.path.join(workdir, "samples", f"step_{step}.png")
-            grid = write_sample_grid(exp, state, sample_fn, path,
-                                     tc.num_grid_samples)
-            writer.write_images(step, {"samples": grid[None]})
-            samples.append(path)
+            grids = {}
+            if methods.has(exp.method, "sample"):
+              path = os.path.join(workdir, "samples", f"step_{step}.png")
+              grids["samples"] = write_sample_grid(exp, state, path,
+                                                   tc.num_grid_samples)
+              samples.append(path)
+            if methods.has(exp.method, "reconstruct"):
+              path = os.path.join(workdir, "samples", f"recon_step_{step}.png")
+              grids["reconstructions"] = write_reconstruction_grid(
+                  exp, state, path, tc.num_grid_samples)
+              samples.append(path)
+            writer.write_images(step, {k: g[None] for k, g in grids.items()})
         due = [e for e in evaluators if e.due(step, tc.num_steps)]
         if due:
           with report.timed("eval"):
@@ -373,7 +448,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       logging.warning("Interrupted at step %d; saving a checkpoint.", done)
       with interrupts.deferred():
         if done > (mngr.latest_step() or 0):
-          checkpoint.save(mngr, done, state, meta)
+          checkpoint.save(mngr, done, state_lib.for_checkpoint(state), meta)
       raise
     finally:
       with interrupts.deferred():
@@ -410,6 +485,5 @@ def load_for_sampling(config: ml_collections.ConfigDict, workdir: str,
     raise FileNotFoundError(
         f"no checkpoint in {workdir}/checkpoints; train first with "
         "--mode=train")
-  step, state, meta = checkpoint.restore(mngr, exp.abstract_state,
-                                         exp.state_shardings, step)
+  step, state, meta = restore_state(exp, mngr, step)
   return exp, step, state, meta

@@ -1,9 +1,10 @@
-"""Downstream tasks scored by the augmentation study.
+"""Supervised tasks: classification, segmentation and translation.
 
-A :class:`Task` bundles what differs between classification, segmentation
-and translation: which image channels are the input, what the target is, the
-network, the loss, and the metrics on held-out data. Training itself
-(:mod:`medgen_jax.downstream.fit`) is the same for every task.
+A :class:`Task` bundles what differs between them: which image channels are
+the input, what the target is, the network, the loss, and the metrics on
+held-out data. Training itself (:mod:`medgen_jax.train.supervised`) is the
+same for every task. The in-domain encoder (:mod:`medgen_jax.eval.encoder`)
+is a classification task; the augmentation study scores all three kinds.
 
 Batches are dicts of arrays: ``image [B, *spatial, C]`` (normalised, channels
 in the study's ``contrasts`` order), ``label [B]`` and masks
@@ -32,7 +33,7 @@ KINDS = ("classification", "segmentation", "translation")
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """One downstream task.
+  """One supervised task.
 
   Attributes:
     name: the task's key in ``config.study.tasks``.
@@ -188,7 +189,8 @@ PRIMARY = {"classification": "auc", "segmentation": "dice",
 
 def make_task(name: str, cfg: ml_collections.ConfigDict,
               contrasts: Sequence[str], spatial_dims: int) -> Task:
-  """Builds the task ``name`` from its ``config.study.tasks.<name>`` section.
+  """Builds the task ``name`` from its settings (in the study, its
+  ``config.study.tasks.<name>`` section).
 
   Args:
     name: task key.

@@ -1,0 +1,2 @@
+"""Research scripts run from the repository root (``python -m experiments...``)
+or with the package installed; not part of the installed package."""

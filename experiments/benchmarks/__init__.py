@@ -1,0 +1,1 @@
+"""Speed comparisons against PyTorch (need ``torch``)."""

@@ -1,0 +1,1 @@
+"""One-off tools (weight conversion)."""
