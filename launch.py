@@ -92,12 +92,14 @@ def main(argv):
     sys.exit(f"error: {e}")
   workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
   from medgen_jax import commands  # pylint: disable=import-outside-toplevel
-  from medgen_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  from medgen_jax.methods import base as methods  # pylint: disable=import-outside-toplevel
+  from medgen_jax.train import checkpoint, frozen  # pylint: disable=import-outside-toplevel
   try:
     commands.run(_MODE.value, config, workdir)
-  except checkpoint.CheckpointRestoreError as e:
-    # The message names the step, the cause and the way out; orbax's
-    # internal traceback would only bury it.
+  except (checkpoint.CheckpointRestoreError, frozen.FrozenInputError,
+          methods.CapabilityError) as e:
+    # The message names the checkpoint, frozen input or capability, the
+    # cause and the way out; a traceback would only bury it.
     logging.error("%s", e)
     sys.exit(f"error: {e}")
 

@@ -445,14 +445,16 @@ def autoencoder_base(a: ml_collections.ConfigDict, cond: str = ""
     if c not in CONTRASTS:
       raise ValueError(f"contrast {c!r} not in {CONTRASTS}")
   c = base_config()
+  big = a.res >= 64
   c.data = data_config(res=a.res, contrasts=contrasts, spatial_dims=a.dims,
-                       cond=cond, batch_size=32)
+                       cond=cond, batch_size=32 if big else 16)
   if a.mask:
     c.data.mask_channels = ("lesion_mask",)
-  levels = 4 if a.res >= 64 else 3
+  # res <= 32 is sized for a 2-core CPU (minutes); res >= 64 for a GPU.
   c.model = ml_collections.ConfigDict(dict(
-      ch=32, ch_mult=(1, 2, 4, 4)[:levels], num_res_blocks=1, num_groups=8,
-      mid_attention=False, dtype="float32", conv_lowering="auto"))
+      ch=32 if big else 16, ch_mult=(1, 2, 4, 4) if big else (1, 2, 2),
+      num_res_blocks=1, num_groups=8, mid_attention=False, dtype="float32",
+      conv_lowering="auto"))
   c.optim.update(lr=1e-3, warmup_steps=100, schedule="cosine",
                  final_lr_frac=0.1)
   steps = a.steps or (20_000 if a.res >= 64 else 3_000)

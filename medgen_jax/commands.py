@@ -49,7 +49,6 @@ def resolve_auto_inputs(config: ml_collections.ConfigDict, workdir: str
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  config = resolve_auto_inputs(config, workdir)
   out = trainer.train(config, workdir)
   rows = [("workdir", os.path.abspath(workdir)), ("final step", out["step"]),
           ("wall time", f"{out['seconds']:.1f} s")]
@@ -187,4 +186,6 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str):
   if mode != "study" and config.get("kind") == "study":
     raise ValueError(f"--mode={mode} needs a method config (e.g. "
                      "configs/ddpm.py); a study config runs with --mode=study")
+  if mode in ("train", "sample", "eval"):
+    config = resolve_auto_inputs(config, workdir)
   return MODES[mode](config, workdir)

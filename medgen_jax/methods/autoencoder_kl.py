@@ -49,13 +49,6 @@ from medgen_jax.train.state import TrainState
 
 PyTree = Any
 
-ADVERSARIAL = {
-    "hinge": (losses.hinge_d, losses.hinge_g),
-    "nonsaturating": (losses.nonsaturating_d, losses.nonsaturating_g),
-    "least_squares": (losses.least_squares_d, losses.least_squares_g),
-}
-
-
 class AutoencoderKL:
   """KL autoencoder + patch discriminator following
   :class:`~medgen_jax.methods.base.Method`, with ``reconstruct``,
@@ -91,7 +84,7 @@ class AutoencoderKL:
                                           config.train.num_steps),
                "disc": optim.make_optimizer(config.optim,
                                             config.train.num_steps)}
-    self.d_loss, self.g_loss = ADVERSARIAL[me.adv_loss]
+    self.d_loss, self.g_loss = losses.adversarial(me.adv_loss)
     self.perceptual = None
     self._frozen = None
     if me.perceptual_weight > 0:
@@ -289,7 +282,8 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
       checks.positive(errors, f"method.{k}", me[k], allow_zero=True)
     checks.one_of(errors, "method.reconstruction", me.reconstruction,
                   ("l1", "mse"))
-    checks.one_of(errors, "method.adv_loss", me.adv_loss, tuple(ADVERSARIAL))
+    checks.one_of(errors, "method.adv_loss", me.adv_loss,
+                  ("hinge", "nonsaturating", "least_squares"))
     if me.perceptual_weight and not me.perceptual_net:
       errors.append("method.perceptual_weight > 0 needs method."
                     "perceptual_net: the directory of a trained in-domain "

@@ -66,6 +66,7 @@ REGISTRY: Mapping[str, str] = types.MappingProxyType({
     "vae": "medgen_jax.methods.vae",
     "vqvae": "medgen_jax.methods.vqvae",
     "autoencoder_kl": "medgen_jax.methods.autoencoder_kl",
+    "gan": "medgen_jax.methods.gan",
 })
 
 
@@ -95,6 +96,10 @@ class Method(Protocol):
   # ``trainer.TrainStep``).
 
 
+class CapabilityError(ValueError):
+  """A command or evaluator asked a method for a capability it lacks."""
+
+
 def has(method: Any, capability: str) -> bool:
   """Whether ``method`` provides ``capability`` (one of
   :data:`CAPABILITIES`)."""
@@ -105,11 +110,12 @@ def has(method: Any, capability: str) -> bool:
 
 
 def require(method: Any, capability: str, who: str) -> Callable:
-  """``method.<capability>``, or a ValueError saying ``who`` needs it."""
+  """``method.<capability>``, or a :class:`CapabilityError` saying ``who``
+  needs it."""
   if not has(method, capability):
     provided = [c for c in CAPABILITIES if has(method, c)]
-    raise ValueError(f"{who} needs a method that can {capability}; "
-                     f"{type(method).__name__} provides {provided}")
+    raise CapabilityError(f"{who} needs a method that can {capability}; "
+                          f"{type(method).__name__} provides {provided}")
   return getattr(method, capability)
 
 

@@ -203,3 +203,59 @@ def reconstruction(x: jax.Array, raw: jax.Array, num_contrasts: int,
     out["mask_bce"] = jnp.mean(
         optax.sigmoid_binary_cross_entropy(raw[..., c:], target), axis=axes)
   return out
+
+
+def wasserstein_d(real: jax.Array, fake: jax.Array) -> jax.Array:
+  """WGAN critic loss ``mean(fake) - mean(real)`` (Arjovsky et al. 2017);
+  pair it with :func:`gradient_penalty`."""
+  real, fake = _f32(real, fake)
+  return jnp.mean(fake) - jnp.mean(real)
+
+
+def wasserstein_g(fake: jax.Array) -> jax.Array:
+  """WGAN generator loss ``-mean(fake)``."""
+  return -jnp.mean(jnp.asarray(fake, jnp.float32))
+
+
+def gradient_penalty(critic, real: jax.Array, fake: jax.Array,
+                     rng: jax.Array) -> jax.Array:
+  """WGAN-GP's ``mean((|grad critic(x_hat)| - 1)^2)`` at random points
+  ``x_hat`` between real and fake examples (Gulrajani et al. 2017).
+
+  Args:
+    critic: ``x [B, ...] -> [B]`` scores.
+    real, fake: ``[B, ...]``.
+    rng: key of the interpolation weights.
+  """
+  real, fake = _f32(real, fake)
+  eps = jax.random.uniform(rng, (real.shape[0],) + (1,) * (real.ndim - 1))
+  x_hat = eps * real + (1.0 - eps) * jax.lax.stop_gradient(fake)
+  g = jax.grad(lambda x: jnp.sum(critic(x)))(x_hat)
+  norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))) +
+                  1e-12)
+  return jnp.mean(jnp.square(norm - 1.0))
+
+
+def r1_penalty(critic, real: jax.Array) -> jax.Array:
+  """``mean |grad critic(real)|^2`` (Mescheder et al. 2018); the loss adds
+  ``gamma / 2`` times it."""
+  real = jnp.asarray(real, jnp.float32)
+  g = jax.grad(lambda x: jnp.sum(critic(x)))(real)
+  return jnp.mean(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))))
+
+
+ADVERSARIAL_LOSSES = ("nonsaturating", "hinge", "least_squares",
+                      "wasserstein")
+
+
+def adversarial(kind: str):
+  """``(d_loss(real, fake), g_loss(fake))`` on logits for ``kind`` in
+  :data:`ADVERSARIAL_LOSSES`."""
+  table = {"nonsaturating": (nonsaturating_d, nonsaturating_g),
+           "hinge": (hinge_d, hinge_g),
+           "least_squares": (least_squares_d, least_squares_g),
+           "wasserstein": (wasserstein_d, wasserstein_g)}
+  if kind not in table:
+    raise ValueError(f"adversarial loss {kind!r} must be one of "
+                     f"{ADVERSARIAL_LOSSES}")
+  return table[kind]

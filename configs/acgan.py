@@ -1,0 +1,18 @@
+r"""A class-conditional GAN (lesion present / absent) for few images:
+ACGAN (auxiliary classifier) or projection discriminator.
+
+Run::
+
+  python launch.py --config=configs/acgan.py:res=32,mask --workdir=workdirs/acgan
+
+Args: as ``configs/dcgan.py``, plus ``head=acgan`` (default) or
+``head=projection``. With ``mask`` every sample comes with its lesion mask.
+"""
+
+import ml_collections
+
+from configs import dcgan
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  return dcgan.get_config(arg, cond="label", head="acgan")

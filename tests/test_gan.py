@@ -1,0 +1,135 @@
+"""The GAN family: penalties, spectral norm, DiffAugment and a tiny run."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import acgan as acgan_config
+from configs import dcgan as dcgan_config
+from medgen_jax import config_check
+from medgen_jax import sampling
+from medgen_jax.methods import losses
+from medgen_jax.nn import gan as gan_nn
+from medgen_jax.train import trainer
+
+
+def test_wasserstein_losses_by_hand():
+  real, fake = jnp.asarray([1.0, 3.0]), jnp.asarray([0.0, -2.0])
+  assert float(losses.wasserstein_d(real, fake)) == pytest.approx(-3.0)
+  assert float(losses.wasserstein_g(fake)) == pytest.approx(1.0)
+  d, g = losses.adversarial("hinge")
+  assert d is losses.hinge_d and g is losses.hinge_g
+  with pytest.raises(ValueError, match="must be one of"):
+    losses.adversarial("relativistic")
+
+
+def test_gradient_penalty_of_a_linear_critic():
+  """critic(x) = <a, x>: its gradient is a everywhere, so the penalty is
+  (|a| - 1)^2 wherever it is evaluated."""
+  a = jnp.asarray([[3.0, 4.0]])  # |a| = 5
+  critic = lambda x: jnp.sum(x * a, axis=-1)  # pylint: disable=unnecessary-lambda-assignment
+  real = jax.random.normal(jax.random.key(0), (4, 2))
+  fake = jax.random.normal(jax.random.key(1), (4, 2))
+  gp = losses.gradient_penalty(critic, real, fake, jax.random.key(2))
+  assert float(gp) == pytest.approx(16.0, rel=1e-5)
+
+
+def test_r1_penalty_of_a_quadratic_critic():
+  """critic(x) = |x|^2 / 2 has gradient x: R1 = mean |x|^2."""
+  x = jnp.asarray([[1.0, 2.0], [0.0, 3.0]])
+  r1 = losses.r1_penalty(lambda v: 0.5 * jnp.sum(v * v, axis=-1), x)
+  assert float(r1) == pytest.approx((5.0 + 9.0) / 2)
+
+
+def test_spectral_norm_converges_to_the_top_singular_value():
+  w = jax.random.normal(jax.random.key(0), (3, 3, 4, 6))
+  top = np.linalg.svd(np.asarray(w).reshape(-1, 6), compute_uv=False)[0]
+  u = jax.random.normal(jax.random.key(1), (6,))
+  for _ in range(60):
+    normed, u, sigma = gan_nn.spectral_normalize(w, u)
+  assert float(sigma) == pytest.approx(top, rel=1e-4)
+  normed_top = np.linalg.svd(np.asarray(normed).reshape(-1, 6),
+                             compute_uv=False)[0]
+  assert normed_top == pytest.approx(1.0, rel=1e-4)
+
+
+def test_diff_augment_same_key_same_transform_and_gradients():
+  x = -np.ones((2, 16, 16, 1), np.float32)
+  x[0, 7, 7] = 1.0
+  x[1, 7, 7] = 0.5  # another image, the same bright pixel
+  key = jax.random.key(4)
+  out = np.asarray(gan_nn.diff_augment(jnp.asarray(x), key,
+                                       ("translation",)))
+  again = np.asarray(gan_nn.diff_augment(jnp.asarray(x), key,
+                                         ("translation",)))
+  np.testing.assert_array_equal(out, again)
+  # Examples share nothing but the draw: redo each alone with its shift.
+  fake = np.where(x > -1, 0.25, -1.0).astype(np.float32)
+  out_fake = np.asarray(gan_nn.diff_augment(jnp.asarray(fake), key,
+                                            ("translation",)))
+  for i in range(2):
+    assert (np.argwhere(out[i, ..., 0] > -1).tolist() ==
+            np.argwhere(out_fake[i, ..., 0] > -1).tolist())
+  # Gradients flow through every transform.
+  w = jax.random.normal(jax.random.key(5), x.shape)
+  g = jax.grad(lambda v: jnp.sum(w * gan_nn.diff_augment(v, key)))(
+      jnp.asarray(x))
+  assert float(jnp.sum(jnp.abs(g))) > 0
+
+
+@pytest.fixture(scope="module")
+def acgan_run(data_dir):
+  c = acgan_config.get_config("res=16,runlocal,mask")
+  c.data.update(data_dir=data_dir, num_subjects=5)
+  exp = trainer.build_experiment(c)
+  state = trainer.init_state(exp)
+  batch = trainer.example_batch(exp.data, exp.mesh)
+  step = jax.jit(exp.method.train_step)
+  metrics = []
+  for i in range(6):
+    state, m = step(state, batch, jax.random.fold_in(exp.train_rng, i))
+    metrics.append(jax.device_get(m))
+  return exp, state, metrics
+
+
+def test_acgan_step_two_networks_one_step_and_signals(acgan_run):
+  exp, state, metrics = acgan_run
+  assert int(state.step) == 6
+  assert set(state.params) == {"gen", "disc"} and state.ema_of == "gen"
+  assert set(state.model_state["spectral"])  # power-iteration vectors kept
+  for m in metrics:
+    for k in ("d_loss", "g_loss", "d_real_acc", "d_fake_acc", "d_grad_norm",
+              "g_grad_norm", "penalty", "d_class_loss"):
+      assert np.isfinite(m[k]), k
+    assert 0.0 <= m["d_real_acc"] <= 1.0 and 0.0 <= m["d_fake_acc"] <= 1.0
+  # The EMA follows the generator, a step behind.
+  ema, gen = jax.tree.leaves(state.ema_params), jax.tree.leaves(
+      state.params["gen"])
+  assert len(ema) == len(gen)
+  assert any(not np.allclose(a, b) for a, b in zip(ema, gen))
+
+
+def test_acgan_samples_images_masks_and_labels(acgan_run):
+  exp, state, _ = acgan_run
+  out = sampling.draw_for_classes(exp.method, state, exp.config.data, 6,
+                                  jax.random.key(0), 4)
+  assert out["image"].shape == (6, 16, 16, 1)
+  assert out["lesion_mask"].shape == (6, 16, 16)
+  np.testing.assert_array_equal(out["label"], [0, 0, 0, 1, 1, 1])
+  assert np.all(np.abs(out["image"]) < 1.0)
+
+
+def test_gan_configs_validate_and_reject_mismatches():
+  for arg in ("", "runlocal,mask", "res=64", "loss=wasserstein",
+              "dims=3,res=16,runlocal"):
+    config_check.validate(dcgan_config.get_config(arg))
+    config_check.validate(acgan_config.get_config(arg))
+  config_check.validate(acgan_config.get_config("head=projection"))
+  c = dcgan_config.get_config("head=acgan")
+  with pytest.raises(config_check.ConfigError, match="needs data.cond"):
+    config_check.validate(c)
+  c = dcgan_config.get_config("loss=wasserstein")
+  c.method.gp_weight = 0.0
+  with pytest.raises(config_check.ConfigError, match="gp_weight"):
+    config_check.validate(c)
