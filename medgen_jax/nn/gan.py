@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medgen_jax.nn import autoencoder
 from medgen_jax.nn import layers
 
 Dtype = Any
@@ -177,31 +178,11 @@ class Generator(nn.Module):
         h = layers.group_norm(h.shape[-1], self.num_groups, self.dtype,
                               silu=True)(h)
         h = layers.Conv(out, 3, upsample=True, **kw)(h)
-      h = _ResBlock(out, self.num_groups, **kw)(h)
+      h = autoencoder.AEResBlock(out, self.num_groups, **kw)(h)
     h = layers.group_norm(h.shape[-1], self.num_groups, self.dtype,
                           silu=True)(h)
     h = layers.Conv(self.out_channels, 3, **kw)(h)
     return jnp.tanh(h.astype(jnp.float32))
-
-
-class _ResBlock(nn.Module):
-  out_ch: int
-  num_groups: int = 8
-  spatial_dims: int = 2
-  dtype: Dtype = jnp.float32
-  conv_lowering: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(spatial_dims=self.spatial_dims, dtype=self.dtype,
-              conv_lowering=self.conv_lowering)
-    h = layers.group_norm(x.shape[-1], self.num_groups, self.dtype,
-                          silu=True)(x)
-    h = layers.Conv(self.out_ch, 3, **kw)(h)
-    h = layers.group_norm(self.out_ch, self.num_groups, self.dtype,
-                          silu=True)(h)
-    h = layers.Conv(self.out_ch, 3, kernel_init=layers.zero_init, **kw)(h)
-    return x + h
 
 
 class Discriminator(nn.Module):
