@@ -180,3 +180,12 @@ def reconstruct(method, state: PyTree, data_config: ml_collections.ConfigDict,
   image = _map_batches(lambda s, b, k: fn(s, b, k)["image"], state, batch,
                        rng, batch_size)
   return split_outputs(image, data_config)
+
+
+def translate(method, state: PyTree, source: np.ndarray, rng: jax.Array,
+              batch_size: int) -> np.ndarray:
+  """``method.translate`` of ``source [N, *S, C_src]`` in fixed-size calls:
+  the translations ``[N, *S, C_tgt]``."""
+  fn = jitted(method, "translate")
+  return _map_batches(lambda s, b, k: fn(s, b, k)["image"], state,
+                      {"image": source, "source": source}, rng, batch_size)

@@ -626,6 +626,70 @@ def _reconstruction_errors(config, prefix: str, f) -> List[str]:
   return errors
 
 
+# ---------------------------------------------------------- translation ----
+
+
+TRANSLATION_DEFAULTS = dict(
+    # "": data.eval_split.
+    split="",
+    # 0: the whole split.
+    num_examples=256,
+    # 0: data.batch_size.
+    batch_size=0,
+    seed=0)
+
+
+def _translation(config, name, fields, workdir, real: RealData) -> EvalFn:
+  """SSIM, PSNR and MAE of a translator's output against the real target
+  contrasts of held-out images (``config.translation``: source and target
+  contrast names; [-1, 1] intensities, data range 2), per target contrast
+  and averaged."""
+  del name, workdir
+  from medgen_jax.eval import image as image_metrics  # pylint: disable=import-outside-toplevel
+  d, t = config.data, config.translation
+  contrasts = list(d.contrasts)
+  src_idx = [contrasts.index(c) for c in t.source]
+  tgt_idx = [contrasts.index(c) for c in t.target]
+  split = fields.split or d.eval_split
+  image = real.arrays(split)["image"]
+  n = min(len(image), fields.num_examples or len(image))
+  rows = np.sort(np.random.default_rng(fields.seed).permutation(
+      len(image))[:n])
+  source, target = image[rows][..., src_idx], image[rows][..., tgt_idx]
+  batch_size = fields.batch_size or d.batch_size
+  win = min(11, min(image.shape[1:-1]))
+  win -= 1 - win % 2
+  card = dict(split=split, num_examples=int(n), seed=fields.seed,
+              source=list(t.source), target=list(t.target), data_range=2.0,
+              ssim_window=int(win),
+              params="EMA parameters when the method keeps them")
+
+  def run(method, state) -> Result:
+    pred = sampling.translate(method, state, source,
+                              jax.random.key(fields.seed), batch_size)
+    metrics: Dict[str, float] = {}
+    for j, c in enumerate(t.target):
+      x, y = target[..., j:j + 1], pred[..., j:j + 1]
+      metrics[f"{c}_ssim"] = float(np.mean(image_metrics.ssim(x, y, 2.0,
+                                                              win)))
+      metrics[f"{c}_psnr"] = float(np.mean(image_metrics.psnr(x, y, 2.0)))
+      metrics[f"{c}_mae"] = float(np.mean(image_metrics.mae(x, y)))
+    for k in ("ssim", "psnr", "mae"):
+      metrics[k] = float(np.mean([metrics[f"{c}_{k}"] for c in t.target]))
+    return Result(metrics, dict(num_examples=int(n)), card)
+
+  return run
+
+
+def _translation_errors(config, prefix: str, f) -> List[str]:
+  errors = _reconstruction_errors(config, prefix, f)
+  t = config.get("translation")
+  if t is None or not t.get("source") or not t.get("target"):
+    errors.append(f"{prefix}: a translation evaluator needs the config's "
+                  "translation section (source=..., target=...)")
+  return errors
+
+
 # ------------------------------------------------------------- registry ----
 
 
@@ -640,6 +704,10 @@ TYPES: Mapping[str, EvaluatorType] = types.MappingProxyType({
     "loss": EvaluatorType(
         _loss, LOSS_DEFAULTS, _loss_errors,
         "the method's loss on a held-out split (validation loss)"),
+    "translation": EvaluatorType(
+        _translation, TRANSLATION_DEFAULTS, _translation_errors,
+        "SSIM/PSNR/MAE of a translator's output against the real target "
+        "contrasts of held-out images"),
     "reconstruction": EvaluatorType(
         _reconstruction, RECONSTRUCTION_DEFAULTS, _reconstruction_errors,
         "PSNR/SSIM/MAE (and mask Dice) of an autoencoder's reconstructions "

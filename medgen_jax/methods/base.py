@@ -67,6 +67,7 @@ REGISTRY: Mapping[str, str] = types.MappingProxyType({
     "vqvae": "medgen_jax.methods.vqvae",
     "autoencoder_kl": "medgen_jax.methods.autoencoder_kl",
     "gan": "medgen_jax.methods.gan",
+    "pix2pix": "medgen_jax.methods.pix2pix",
 })
 
 

@@ -308,6 +308,23 @@ def write_reconstruction_grid(exp: Experiment, state: PyTree, path: str,
   return _save_grid(both, d, path, ncol=cols)
 
 
+def write_translation_grid(exp: Experiment, state: PyTree, path: str,
+                           num: int) -> np.ndarray:
+  """Rows of source images (first source contrast), their translations and
+  the real targets (first target contrast), from training examples; saves
+  the PNG and returns it."""
+  t = exp.config.translation
+  contrasts = list(exp.config.data.contrasts)
+  image = np.asarray(jax.device_get(exp.data.batcher.batch(0))["image"])[:num]
+  src = image[..., [contrasts.index(c) for c in t.source]]
+  tgt = image[..., [contrasts.index(c) for c in t.target]]
+  pred = sampling.translate(exp.method, state, src, exp.sample_rng, len(src))
+  rows = np.concatenate([src[..., :1], pred[..., :1], tgt[..., :1]])
+  grid = viz.image_grid(rows, exp.config.data.spatial_dims, ncol=len(src))
+  viz.save_png(grid, path)
+  return grid
+
+
 def _save_grid(out: Dict[str, np.ndarray], d, path: str,
                ncol: Optional[int] = None) -> np.ndarray:
   mask_keys = tuple(d.get("mask_channels", ()))
@@ -430,6 +447,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
               path = os.path.join(workdir, "samples", f"step_{step}.png")
               grids["samples"] = write_sample_grid(exp, state, path,
                                                    tc.num_grid_samples)
+              samples.append(path)
+            if methods.has(exp.method, "translate"):
+              path = os.path.join(workdir, "samples",
+                                  f"translate_step_{step}.png")
+              grids["translations"] = write_translation_grid(
+                  exp, state, path, tc.num_grid_samples)
               samples.append(path)
             if methods.has(exp.method, "reconstruct"):
               path = os.path.join(workdir, "samples", f"recon_step_{step}.png")
