@@ -319,7 +319,7 @@ def _generator_blocks(summary) -> List[Block]:
       "with this many images.")))
   header = ["generator", "FID ↓", "KID×1000 ↓", "precision ↑", "recall ↑",
             "density ↑", "coverage ↑", "MS-SSIM ↓ (diversity)",
-            "memorized ↓", "label agreement ↑"]
+            "collapse ↓", "memorized ↓", "label agreement ↑"]
   rows = []
   for name, m in gm.items():
     kid = m.get("kid", {})
@@ -328,7 +328,7 @@ def _generator_blocks(summary) -> List[Block]:
                  f"{fmt(1000 * kid.get('std', np.nan), 2)}",
                  fmt(m.get("precision")), fmt(m.get("recall")),
                  fmt(m.get("density")), fmt(m.get("coverage")),
-                 fmt(m.get("ms_ssim")),
+                 fmt(m.get("ms_ssim")), fmt(m.get("mode_collapse"), 2),
                  _memorized(m),
                  fmt(m.get("label_agreement")) if "label_agreement" in m
                  else "-"])
@@ -339,7 +339,9 @@ def _generator_blocks(summary) -> List[Block]:
       "(realism); recall: share of real images inside the synthetic "
       "manifold (coverage of modes); density/coverage: their outlier-robust "
       "versions; MS-SSIM: mean pairwise MS-SSIM among images of the set "
-      "(lower = more diverse; compare with the real row); memorized: share "
+      "(lower = more diverse; compare with the real row); collapse: how "
+      "far that MS-SSIM has moved from the real images' towards 1 "
+      "(identical images), flagged above 0.5; memorized: share "
       "of synthetic images closer (in pixels) to a training image than all "
       "but the given quantile ('chance') of real held-out images are; a "
       "generator that does not copy is flagged at about that rate, and p is "

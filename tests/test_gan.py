@@ -164,3 +164,70 @@ def test_translation_config_names_contrasts_it_lacks():
   with pytest.raises(config_check.ConfigError,
                      match="translation.target: 'dwi' is not in"):
     config_check.validate(c)
+
+
+def test_collapse_score_between_real_diversity_and_one_image():
+  from medgen_jax.eval import generative  # pylint: disable=import-outside-toplevel
+  assert generative.collapse_score(0.3, 0.3) == pytest.approx(0.0)
+  assert generative.collapse_score(1.0, 0.3) == pytest.approx(1.0)
+  assert generative.collapse_score(0.65, 0.3) == pytest.approx(0.5)
+  assert generative.collapse_score(0.2, 0.3) < 0  # more diverse than real
+
+
+@pytest.fixture(scope="module")
+def cyclegan_exp(data_dir):
+  from configs import cyclegan as cyclegan_config  # pylint: disable=import-outside-toplevel
+  c = cyclegan_config.get_config("res=16,runlocal")
+  c.data.update(data_dir=data_dir, num_subjects=5)
+  exp = trainer.build_experiment(c)
+  return exp, trainer.init_state(exp)
+
+
+def test_unpaired_batches_take_the_two_domains_from_other_subjects(
+    cyclegan_exp):
+  exp, _ = cyclegan_exp
+  batcher = exp.data.batcher
+  subjects = batcher.arrays["subject_id"]
+  for step in range(5):
+    idx = batcher.indices(step)
+    partner = batcher.partner_indices(step, idx)
+    assert np.all(subjects[idx] != subjects[partner])
+    np.testing.assert_array_equal(batcher.batch(step)["image_b"],
+                                  batcher.arrays["image"][partner])
+  # Deterministic: a resumed run sees the same pairs.
+  np.testing.assert_array_equal(batcher.partner_indices(3, batcher.indices(3)),
+                                batcher.partner_indices(3, batcher.indices(3)))
+
+
+def test_cycle_and_identity_of_identity_generators_are_zero(cyclegan_exp,
+                                                            monkeypatch):
+  exp, state = cyclegan_exp
+  method = exp.method
+  monkeypatch.setattr(method, "_g", lambda net, params, x: x)
+  batch = trainer.example_batch(exp.data, exp.mesh)
+  a, b = method._domains(batch)  # pylint: disable=protected-access
+  _, (m, _) = method.g_terms(state.params["gen"], state.params["disc"], a, b)
+  assert float(m["cycle"]) == 0.0 and float(m["identity"]) == 0.0
+
+
+def test_cyclegan_step_and_image_pool(cyclegan_exp):
+  from medgen_jax.methods import cyclegan  # pylint: disable=import-outside-toplevel
+  exp, state = cyclegan_exp
+  batch = trainer.example_batch(exp.data, exp.mesh)
+  new, m = jax.jit(exp.method.train_step)(state, batch, jax.random.key(0))
+  assert int(new.step) == 1
+  assert int(new.model_state["count_a"]) == batch["image"].shape[0]
+  assert all(np.isfinite(float(v)) for v in m.values())
+  # The pool: filling returns the fakes; full, it returns old ones or new.
+  pool = jnp.zeros((3, 2)); count = jnp.asarray(0, jnp.int32)
+  fakes = jnp.arange(4.0)[:, None] * jnp.ones((4, 2))
+  out, pool, count = cyclegan.pool_query(pool, count, fakes,
+                                         jax.random.key(1))
+  np.testing.assert_array_equal(out[:3], fakes[:3])
+  assert int(count) == 3
+  out, pool2, _ = cyclegan.pool_query(pool, count, fakes + 10,
+                                      jax.random.key(2))
+  for row in np.asarray(out):
+    assert row[0] in (0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0)
+  assert set(np.asarray(pool2)[:, 0]) <= {0.0, 1.0, 2.0, 3.0, 10.0, 11.0,
+                                          12.0, 13.0}

@@ -42,7 +42,7 @@ REQUIRED_DATA_KEYS = (
 )
 GENERIC_DATA_KEYS = REQUIRED_DATA_KEYS + (
     "windows", "contrast_normalization", "subject_fraction", "subject_seed",
-    "mask_channels",
+    "mask_channels", "unpaired",
 )
 
 

@@ -202,6 +202,11 @@ class Batcher:
   Batch ``step`` holds positions ``[step*B, (step+1)*B)`` of an endless
   stream made of one fresh permutation per epoch, so any step can be produced
   directly. In multi-host runs each process gathers its own slice.
+
+  With ``unpaired`` (unpaired translation, e.g. CycleGAN), every batch also
+  has ``image_b``: for each example, an image from a second, independent
+  stream whose subject differs (``arrays["subject_id"]``), so the two
+  domains never come from one subject.
   """
 
   arrays: Arrays
@@ -210,31 +215,61 @@ class Batcher:
   keys: Tuple[str, ...] = ("image", "label")
   process_index: int = 0
   process_count: int = 1
+  unpaired: bool = False
 
   def __post_init__(self):
     if self.batch_size % self.process_count:
       raise ValueError(f"batch size {self.batch_size} not divisible by "
                        f"{self.process_count} processes")
+    if self.unpaired:
+      subjects = self.arrays.get("subject_id")
+      if subjects is None or len(np.unique(subjects)) < 2:
+        raise ValueError("unpaired batches need subject ids of at least 2 "
+                         "subjects")
 
   @property
   def num_examples(self) -> int:
     return len(self.arrays["image"])
 
-  def indices(self, step: int) -> np.ndarray:
-    """Example indices ``[B_local]`` of this process for ``step``."""
+  def _stream(self, step: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``(epochs, offsets)`` of this process's positions at ``step``."""
     n, b = self.num_examples, self.batch_size
     local = b // self.process_count
     pos = step * b + self.process_index * local + np.arange(local)
-    epochs, offsets = np.divmod(pos, n)
-    out = np.empty(local, np.int64)
+    return np.divmod(pos, n)
+
+  def indices(self, step: int) -> np.ndarray:
+    """Example indices ``[B_local]`` of this process for ``step``."""
+    epochs, offsets = self._stream(step)
+    out = np.empty(len(offsets), np.int64)
     for e in np.unique(epochs):
       sel = epochs == e
-      out[sel] = _epoch_permutation(self.seed, int(e), n)[offsets[sel]]
+      out[sel] = _epoch_permutation(self.seed, int(e), self.num_examples)[
+          offsets[sel]]
+    return out
+
+  def partner_indices(self, step: int, idx: np.ndarray) -> np.ndarray:
+    """For each example ``idx``, one of another subject: the same position
+    of an independent stream, moved along that stream past examples of the
+    same subject."""
+    n = self.num_examples
+    subjects = self.arrays["subject_id"]
+    epochs, offsets = self._stream(step)
+    out = np.empty(len(idx), np.int64)
+    for i, (e, o) in enumerate(zip(epochs, offsets)):
+      perm = _epoch_permutation(self.seed + 1_000_003, int(e), n)
+      j = 0
+      while subjects[perm[(o + j) % n]] == subjects[idx[i]]:
+        j += 1
+      out[i] = perm[(o + j) % n]
     return out
 
   def batch(self, step: int) -> Arrays:
     idx = self.indices(step)
-    return {k: self.arrays[k][idx] for k in self.keys if k in self.arrays}
+    out = {k: self.arrays[k][idx] for k in self.keys if k in self.arrays}
+    if self.unpaired:
+      out["image_b"] = self.arrays["image"][self.partner_indices(step, idx)]
+    return out
 
 
 def prefetch_to_mesh(batcher: Batcher, start: int, stop: int,
@@ -309,11 +344,14 @@ def make_train_data(data_cfg: ml_collections.ConfigDict,
   arrays = to_model_arrays(raw, data_cfg, stats)
   arrays["image"] = append_mask_channels(arrays, data_cfg.get("mask_channels",
                                                               ()))
+  unpaired = bool(data_cfg.get("unpaired", False))
+  if unpaired:
+    arrays["subject_id"] = np.asarray(raw["subject_id"])
   if data_cfg.batch_size % jax.device_count():
     raise ValueError(f"data.batch_size={data_cfg.batch_size} must be "
                      f"divisible by the {jax.device_count()} devices")
   batcher = Batcher(arrays, data_cfg.batch_size, data_cfg.shuffle_seed, keys,
-                    jax.process_index(), jax.process_count())
+                    jax.process_index(), jax.process_count(), unpaired)
   if "label" in arrays:
     check_labels(arrays["label"], data_cfg.num_classes, data_cfg.dataset)
   return TrainData(batcher, stats, arrays["image"].shape[1:])

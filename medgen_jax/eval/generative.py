@@ -27,6 +27,18 @@ def _label_of_mask(mask: np.ndarray, min_voxels: int = 2) -> np.ndarray:
   return (np.sum(mask > 0, axis=axes) >= min_voxels).astype(np.int32)
 
 
+# A synthetic set whose pairs are more than this share of the way from the
+# real set's MS-SSIM to identical images is reported as collapsing.
+COLLAPSE_WARNING = 0.5
+
+
+def collapse_score(ms_ssim: float, ms_ssim_real: float) -> float:
+  """How far the synthetic set's pairwise MS-SSIM has moved from the real
+  set's towards 1 (identical images): ``(fake - real) / (1 - real)``; 0 or
+  less is as diverse as the real images, 1 is one image repeated."""
+  return float((ms_ssim - ms_ssim_real) / max(1.0 - ms_ssim_real, 1e-6))
+
+
 def set_metrics(enc: encoder_lib.Encoder, train: Arrays, heldout: Arrays,
                 candidate: Arrays, cfg: ml_collections.ConfigDict,
                 seed: int = 0, audit: bool = True) -> Dict[str, Any]:
@@ -45,7 +57,10 @@ def set_metrics(enc: encoder_lib.Encoder, train: Arrays, heldout: Arrays,
 
   Returns:
     JSON-ready metrics: fid, kid {mean, std}, precision, recall, density,
-    coverage, ms_ssim (diversity), and when ``audit``: memorized_fraction
+    coverage, ms_ssim (diversity: mean MS-SSIM of random pairs, lower is
+    more diverse), ms_ssim_real (the same for the real held-out images),
+    mode_collapse (:func:`collapse_score`), and when ``audit``:
+    memorized_fraction
     (pixel space), memorized_fraction_features, memorization {pixels,
     features} summaries and closest_pairs (synthetic, train index pairs).
   """
@@ -66,7 +81,11 @@ def set_metrics(enc: encoder_lib.Encoder, train: Arrays, heldout: Arrays,
       num_real=int(len(f_real)), num_synthetic=int(len(f_fake)),
       ms_ssim=float(image_metrics.ms_ssim_diversity(
           image, cfg.diversity_pairs, jax.random.fold_in(rng, 1),
+          data_range=2.0)),
+      ms_ssim_real=float(image_metrics.ms_ssim_diversity(
+          heldout["image"], cfg.diversity_pairs, jax.random.fold_in(rng, 1),
           data_range=2.0)))
+  out["mode_collapse"] = collapse_score(out["ms_ssim"], out["ms_ssim_real"])
   if "lesion_mask" in candidate and "label" in candidate:
     out["label_agreement"] = float(np.mean(
         _label_of_mask(candidate["lesion_mask"]) == candidate["label"]))

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from medgen_jax import jsonl
 from medgen_jax import sampling
@@ -303,6 +304,12 @@ def _generative(config, name, fields, workdir, real: RealData) -> EvalFn:
     raw = generative.set_metrics(enc, real.generator_train, real.heldout,
                                  fake, fields, seed=fields.seed,
                                  audit=fields.audit)
+    if raw["mode_collapse"] > generative.COLLAPSE_WARNING:
+      logging.warning(
+          "possible mode collapse: synthetic pairs have MS-SSIM %.3f "
+          "against %.3f for real pairs (collapse score %.2f > %.2f); look "
+          "at the sample grid", raw["ms_ssim"], raw["ms_ssim_real"],
+          raw["mode_collapse"], generative.COLLAPSE_WARNING)
     metrics, details = split_scalars(raw, _DETAIL_KEYS)
     return Result(metrics, details, card)
 

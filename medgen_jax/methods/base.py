@@ -68,6 +68,7 @@ REGISTRY: Mapping[str, str] = types.MappingProxyType({
     "autoencoder_kl": "medgen_jax.methods.autoencoder_kl",
     "gan": "medgen_jax.methods.gan",
     "pix2pix": "medgen_jax.methods.pix2pix",
+    "cyclegan": "medgen_jax.methods.cyclegan",
 })
 
 
