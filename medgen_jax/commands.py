@@ -69,9 +69,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """
   exp, step, state, meta = trainer.load_for_sampling(config, workdir)
   sc = config.sample
-  out = sampling.draw_for_classes(exp.method, state, config.data, sc.num,
-                                  exp.sample_rng, sc.batch_size,
-                                  desc="sample")
+  out = sampling.draw_for_classes(
+      exp.method, state, config.data, sc.num, exp.sample_rng, sc.batch_size,
+      desc="sample", mask_source=exp.data.batcher.arrays["image"])
   stats = {k: tuple(v) for k, v in meta["normalization"].items()}
   out["image_signal"] = pipeline.denormalize(out["image"], meta["contrasts"],
                                              stats)

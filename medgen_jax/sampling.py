@@ -138,19 +138,47 @@ def draw(method, state: PyTree, data_config: ml_collections.ConfigDict,
   return out
 
 
+def needs(method, key: str) -> bool:
+  """Whether ``method.sample`` needs ``cond[key]`` (its ``sample_cond``),
+  e.g. a mask-to-image generator needs ``mask``."""
+  return key in getattr(method, "sample_cond", ())
+
+
+def masks_for(images: np.ndarray, data_config: ml_collections.ConfigDict,
+              num: int, seed: int = 0) -> np.ndarray:
+  """``num`` real masks ``[num, *S, M]`` for a mask-conditioned generator:
+  the mask channels of model inputs ``images [N, *S, C + M]``, in a fixed
+  shuffled order (repeated when ``num > N``)."""
+  masks = np.asarray(images)[..., len(data_config.contrasts):]
+  if not masks.shape[-1]:
+    raise ValueError("a mask-conditioned generator needs data.mask_channels")
+  order = np.random.default_rng(seed).permutation(len(masks))
+  return masks[order[np.arange(num) % len(masks)]]
+
+
 def draw_for_classes(method, state: PyTree,
                      data_config: ml_collections.ConfigDict, num: int,
                      rng: jax.Array, batch_size: int, policy: str = "balanced",
                      heldout_labels: Optional[np.ndarray] = None,
-                     desc: Optional[str] = None) -> Arrays:
-  """:func:`draw` with the label policy: a class-conditional generator
-  (``data.cond == "label"``) draws :func:`labels_for` ``(policy, num)``, an
-  unconditional one draws ``num`` examples with no ``label``."""
-  cond = None
+                     desc: Optional[str] = None,
+                     mask_source: Optional[np.ndarray] = None) -> Arrays:
+  """:func:`draw` with the conditioning policy: a class-conditional
+  generator (``data.cond == "label"``) draws :func:`labels_for` ``(policy,
+  num)``, an unconditional one draws ``num`` examples with no ``label``; a
+  mask-conditioned one (:func:`needs` ``mask``) draws for the real masks of
+  ``mask_source`` (model inputs, see :func:`masks_for`)."""
+  cond = {}
   if conditional(data_config):
-    cond = {"label": labels_for(policy, num, int(data_config.num_classes),
-                                heldout_labels)}
-  return draw(method, state, data_config, num, rng, batch_size, cond, desc)
+    cond["label"] = labels_for(policy, num, int(data_config.num_classes),
+                               heldout_labels)
+  if needs(method, "mask"):
+    if mask_source is None:
+      raise methods.CapabilityError(
+          f"{type(method).__name__} draws images for given masks; this "
+          "caller has no masks to give")
+    cond["mask"] = masks_for(mask_source, data_config, num)
+  return draw(method, state, data_config, num, rng, batch_size,
+              cond or None, desc)
 
 
 def _map_batches(fn, state: PyTree, batch: Mapping[str, np.ndarray],

@@ -231,3 +231,29 @@ def test_cyclegan_step_and_image_pool(cyclegan_exp):
     assert row[0] in (0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0)
   assert set(np.asarray(pool2)[:, 0]) <= {0.0, 1.0, 2.0, 3.0, 10.0, 11.0,
                                           12.0, 13.0}
+
+
+def test_spade_gan_draws_images_for_the_given_masks(data_dir):
+  from configs import spade_gan as spade_config  # pylint: disable=import-outside-toplevel
+  from medgen_jax.methods import base as methods  # pylint: disable=import-outside-toplevel
+  c = spade_config.get_config("res=16,runlocal")
+  c.data.update(data_dir=data_dir, num_subjects=5)
+  exp = trainer.build_experiment(c)
+  state = trainer.init_state(exp)
+  batch = trainer.example_batch(exp.data, exp.mesh)
+  state, m = jax.jit(exp.method.train_step)(state, batch, jax.random.key(0))
+  assert int(state.step) == 1
+  assert all(np.isfinite(float(v)) for v in m.values())
+  pool = exp.data.batcher.arrays["image"]
+  out = sampling.draw_for_classes(exp.method, state, c.data, 5,
+                                  jax.random.key(1), 4, mask_source=pool)
+  want = sampling.masks_for(pool, c.data, 5)[..., 0] > 0
+  np.testing.assert_array_equal(out["lesion_mask"], want.astype(np.uint8))
+  assert out["image"].shape == (5, 16, 16, 1) and "label" not in out
+  with pytest.raises(methods.CapabilityError, match="given masks"):
+    sampling.draw_for_classes(exp.method, state, c.data, 5,
+                              jax.random.key(1), 4)
+  with pytest.raises(config_check.ConfigError, match="mask_channels"):
+    bad = spade_config.get_config("runlocal")
+    bad.data.mask_channels = ()
+    config_check.validate(bad)

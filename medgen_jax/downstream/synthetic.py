@@ -55,6 +55,12 @@ def generate(gen_config: ml_collections.ConfigDict, gen_workdir: str,
   labels = np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
   cond = {"label": labels} if sampling.conditional(gen_config.data) else None
   t0 = time.time()
+  if sampling.needs(exp.method, "mask"):
+    # Masks of the generator's own training data: each synthetic image is
+    # drawn for a real mask and carries it.
+    cond = dict(cond or {}, mask=sampling.masks_for(
+        exp.data.batcher.arrays["image"], gen_config.data, len(labels),
+        seed))
   arrays: Arrays = sampling.draw(
       exp.method, state, gen_config.data, len(labels), jax.random.key(seed),
       int(batch_size or gen_config.sample.batch_size), cond,

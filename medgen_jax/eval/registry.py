@@ -179,12 +179,19 @@ class RealData:
 
 def sample_set(method, state: PyTree, config: ml_collections.ConfigDict,
                num: int, batch_size: int, rng: jax.Array,
-               labels: Optional[np.ndarray] = None) -> Arrays:
+               labels: Optional[np.ndarray] = None,
+               mask_source: Optional[np.ndarray] = None) -> Arrays:
   """``num`` samples through :func:`medgen_jax.sampling.draw` (labels
-  given for a conditional generator, none otherwise)."""
-  cond = None if labels is None else {"label": labels}
+  given for a conditional generator, none otherwise; a mask-conditioned
+  generator draws for the masks of ``mask_source``, model inputs)."""
+  cond = {} if labels is None else {"label": labels}
+  if sampling.needs(method, "mask"):
+    if mask_source is None:
+      raise methods.CapabilityError(
+          f"{type(method).__name__} needs real masks to sample")
+    cond["mask"] = sampling.masks_for(mask_source, config.data, num)
   return sampling.draw(method, state, config.data, num, rng, batch_size,
-                       cond, desc="eval samples")
+                       cond or None, desc="eval samples")
 
 
 def _conditional_labels(config, fields, real: RealData) -> Optional[np.ndarray]:
@@ -300,7 +307,8 @@ def _generative(config, name, fields, workdir, real: RealData) -> EvalFn:
 
   def run(method, state) -> Result:
     fake = sample_set(method, state, config, fields.num_samples, batch_size,
-                      jax.random.key(fields.seed), labels)
+                      jax.random.key(fields.seed), labels,
+                      real.model_inputs(d.eval_split)["image"])
     raw = generative.set_metrics(enc, real.generator_train, real.heldout,
                                  fake, fields, seed=fields.seed,
                                  audit=fields.audit)
@@ -445,7 +453,7 @@ def _inception_fid(config, name, fields, workdir, real: RealData) -> EvalFn:
   def run(method, state) -> Result:
     key = jax.random.key(fields.seed)
     fake = sample_set(method, state, config, fields.num_samples, batch_size,
-                      key, labels)
+                      key, labels, real.model_inputs(d.eval_split)["image"])
     f_fake = extract(fake["image"])
     kid_mean, kid_std = feature_metrics.kid_from_features(
         f_real, f_fake, fields.kid_subsets, fields.kid_subset_size,

@@ -69,6 +69,7 @@ REGISTRY: Mapping[str, str] = types.MappingProxyType({
     "gan": "medgen_jax.methods.gan",
     "pix2pix": "medgen_jax.methods.pix2pix",
     "cyclegan": "medgen_jax.methods.cyclegan",
+    "spade_gan": "medgen_jax.methods.spade_gan",
 })
 
 

@@ -285,7 +285,8 @@ def write_sample_grid(exp: Experiment, state: PyTree, path: str,
   grid PNG (first contrast, masks overlaid) and returns it."""
   d = exp.config.data
   out = sampling.draw_for_classes(exp.method, state, d, num, exp.sample_rng,
-                                  num)
+                                  num,
+                                  mask_source=exp.data.batcher.arrays["image"])
   return _save_grid(out, d, path)
 
 
