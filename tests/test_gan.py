@@ -257,3 +257,32 @@ def test_spade_gan_draws_images_for_the_given_masks(data_dir):
     bad = spade_config.get_config("runlocal")
     bad.data.mask_channels = ()
     config_check.validate(bad)
+
+
+@pytest.mark.parametrize("name,arg", [("dcgan", "mask"), ("acgan", ""),
+                                      ("pix2pix", ""), ("cyclegan", ""),
+                                      ("spade_gan", "")])
+def test_3d_shapes(name, arg):
+  """Init and the main capability on 8^3 volumes (traced, not run)."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.methods import base as methods  # pylint: disable=import-outside-toplevel
+  c = importlib.import_module(f"configs.{name}").get_config(
+      f"res=8,dims=3,runlocal,{arg}".rstrip(","))
+  config_check.validate(c)
+  channels = len(c.data.contrasts) + len(c.data.get("mask_channels", ()))
+  x = jnp.zeros((2, 8, 8, 8, channels))
+  batch = {"image": x, "label": jnp.zeros(2, jnp.int32), "image_b": x}
+  method = methods.build(c, batch)
+  state = jax.eval_shape(method.init, jax.random.key(0), batch)
+  new, _ = jax.eval_shape(method.train_step, state, batch, jax.random.key(0))
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+  if methods.has(method, "translate"):
+    src = jnp.zeros((2, 8, 8, 8, len(c.translation.source)))
+    out = jax.eval_shape(method.translate, state, {"source": src},
+                         jax.random.key(0))
+    assert out["image"].shape == (2, 8, 8, 8, len(c.translation.target))
+  else:
+    cond = {"mask": x[..., -1:]} if sampling.needs(method, "mask") else None
+    out = jax.eval_shape(lambda s, k: method.sample(s, k, 2, cond), state,
+                         jax.random.key(0))
+    assert out["image"].shape == x.shape
