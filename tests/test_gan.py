@@ -286,3 +286,36 @@ def test_3d_shapes(name, arg):
     out = jax.eval_shape(lambda s, k: method.sample(s, k, 2, cond), state,
                          jax.random.key(0))
     assert out["image"].shape == x.shape
+
+
+@pytest.mark.parametrize("arg,capability", [("mask", "sample"),
+                                            ("translate", "translate")])
+def test_vaegan_generates_or_translates(data_dir, arg, capability):
+  from configs import vaegan as vaegan_config  # pylint: disable=import-outside-toplevel
+  from medgen_jax.methods import base as methods  # pylint: disable=import-outside-toplevel
+  c = vaegan_config.get_config(f"res=16,runlocal,{arg}")
+  c.data.update(data_dir=data_dir, num_subjects=5)
+  c.optim.lr = 2e-3
+  exp = trainer.build_experiment(c)
+  method = exp.method
+  assert methods.has(method, capability)
+  other = "translate" if capability == "sample" else "sample"
+  assert not methods.has(method, other)
+  state = trainer.init_state(exp)
+  batch = trainer.example_batch(exp.data, exp.mesh)
+  step = jax.jit(method.train_step)
+  l1 = []
+  for i in range(20):
+    state, m = step(state, batch, jax.random.key(i))
+    l1.append(float(m["l1"]))
+  assert int(state.step) == 20 and state.ema_of == "ae"
+  assert np.mean(l1[-4:]) < np.mean(l1[:3])
+  if capability == "sample":
+    out = sampling.draw_for_classes(method, state, c.data, 4,
+                                    jax.random.key(0), 4)
+    assert out["image"].shape == (4, 16, 16, 1)
+    np.testing.assert_array_equal(out["label"], [0, 0, 1, 1])
+  else:
+    src = np.asarray(batch["image"][..., :1])
+    assert sampling.translate(method, state, src, jax.random.key(0),
+                              8).shape == src.shape

@@ -70,6 +70,7 @@ REGISTRY: Mapping[str, str] = types.MappingProxyType({
     "pix2pix": "medgen_jax.methods.pix2pix",
     "cyclegan": "medgen_jax.methods.cyclegan",
     "spade_gan": "medgen_jax.methods.spade_gan",
+    "vaegan": "medgen_jax.methods.vaegan",
 })
 
 
