@@ -67,7 +67,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   array per mask of ``data.mask_channels`` and ``label`` (balanced classes)
   when the model is conditional, plus a PNG grid of the first 64.
   """
+  from medgen_jax.methods import base as methods  # pylint: disable=import-outside-toplevel
   exp, step, state, meta = trainer.load_for_sampling(config, workdir)
+  methods.require(exp.method, "sample", "--mode=sample")
   sc = config.sample
   out = sampling.draw_for_classes(
       exp.method, state, config.data, sc.num, exp.sample_rng, sc.batch_size,

@@ -296,3 +296,14 @@ def test_free_bits_and_warmup_enter_the_objective():
   kl = jnp.asarray([[0.01, 2.0], [0.03, 4.0]])
   assert float(losses.free_bits(kl, 0.5)) == pytest.approx(0.5 + 3.0)
   assert float(losses.kl_weight(jnp.asarray(50), 2.0, 100)) == 1.0
+
+
+def test_sample_mode_of_a_method_without_a_sampler_names_it(data_dir,
+                                                            tmp_path):
+  from medgen_jax import commands  # pylint: disable=import-outside-toplevel
+  c = _config(vqvae_config, "", data_dir, num_steps=1, ckpt_every=1)
+  trainer.train(c, str(tmp_path))
+  with pytest.raises(methods.CapabilityError,
+                     match="--mode=sample needs a method that can sample; "
+                           "VQVAE provides"):
+    commands.run("sample", c, str(tmp_path))
