@@ -32,6 +32,12 @@ Args (``key=value`` after the colon):
     generator's arms appear in every table. "ddpm" is the study's tuned
     label-conditional DDPM; other configs run at their own defaults (their
     ``runlocal`` size under ``runlocal``).
+  translators: translation methods benchmarked on every translation task,
+    as config names joined by "+" (pix2pix, cyclegan, vaegan): each is
+    trained per fraction and seed on the same real subjects as the task's
+    U-Net regression arms and scored the same way (SSIM/PSNR/MAE, lesion
+    Dice of a segmenter on the translated images), one row each.
+  translator_steps: their training steps (0: each config's default).
   runlocal: a miniature study for tests (tiny models, a few steps).
 """
 
@@ -75,11 +81,34 @@ def _generator(name: str, a) -> ml_collections.ConfigDict:
   return gen
 
 
+# Config args that make a method config a translator.
+_TRANSLATOR_ARGS = {"vaegan": "translate"}
+
+
+def _translator(name: str, a) -> ml_collections.ConfigDict:
+  """``configs/<name>.py`` as a translator at the study's resolution; the
+  study sets its data and translation sections per cell."""
+  try:
+    module = importlib.import_module(f"configs.{name}")
+  except ModuleNotFoundError:
+    raise ValueError(f"translators: no config configs/{name}.py") from None
+  args = [f"res={a.res}", _TRANSLATOR_ARGS.get(name, "")]
+  args += ["runlocal"] if a.runlocal else []
+  t = module.get_config(",".join(filter(None, args)))
+  if a.translator_steps:
+    t.train.num_steps = a.translator_steps
+  # Scored by the study on the test subjects; no periodic evaluation.
+  t.evals = ml_collections.ConfigDict()
+  t.train.sample_every = 0
+  return t
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, res=32, seeds=-1, fractions="",
                        tasks="classification+segmentation", gen_steps=0,
                        task_steps=0, generator_data="full",
-                       generators="ddpm", runlocal=False)
+                       generators="ddpm", translators="", translator_steps=0,
+                       runlocal=False)
   # Two sizes: the CPU default (res <= 32) must finish in ~15 min on two
   # cores; res >= 64 is the full study for GPUs/TPUs.
   big = a.res >= 64
@@ -170,6 +199,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if name not in tasks:
       raise ValueError(f"unknown task {name!r}; known: {sorted(tasks)}")
     c.study.tasks[name] = tasks[name]
+
+  c.translators = ml_collections.ConfigDict()
+  for name in filter(None, a.translators.split("+")):
+    c.translators[name] = _translator(name, a)
 
   c.augment = common.augment_config()
   # The in-domain feature extractor for FID/KID/PR/memorization.

@@ -127,6 +127,17 @@ def study_errors(config: ml_collections.ConfigDict,
                for e in method_errors(gen, num_devices)]
     if gen.data.cond not in ("", "label"):
       errors.append(f"generators.{name}.data.cond={gen.data.cond!r}")
+  translation_tasks = [t for t, c in sc.tasks.items()
+                       if c.kind == "translation"]
+  translators = config.get("translators") or {}
+  if translators and not translation_tasks:
+    errors.append("translators are configured but study.tasks has no "
+                  "translation task (tasks=translation)")
+  for name in translators:
+    for t in translation_tasks:
+      tr = study_lib.translator_config(config, name, t, 1.0, 0)
+      errors += [f"translators.{name}: {e}"
+                 for e in method_errors(tr, num_devices)]
   for f in sc.fractions:
     if not 0.0 < f <= 1.0:
       errors.append(f"study.fractions entry {f} must be in (0, 1]")

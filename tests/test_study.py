@@ -126,7 +126,8 @@ def test_study_config_errors_are_listed(tmp_path):
 @pytest.fixture(scope="module")
 def mini_study(data_dir, tmp_path_factory):
   c = study_config.get_config("runlocal,fractions=0.5+1,"
-                              "tasks=classification+segmentation+translation")
+                              "tasks=classification+segmentation+translation,"
+                              "translators=pix2pix")
   c.data.data_dir = data_dir
   workdir = str(tmp_path_factory.mktemp("study"))
   config_check.validate(c)
@@ -142,7 +143,9 @@ def test_mini_study_every_arm_has_numbers(mini_study):
   cells = {(r["task"], r["fraction"], r["arm"]) for r in rows}
   assert cells == {(t, f, a) for t in ("classification", "segmentation",
                                        "translation")
-                   for f in (0.5, 1.0) for a in arms}
+                   for f in (0.5, 1.0) for a in arms} | {
+                       ("translation", f, "pix2pix (translator)")
+                       for f in (0.5, 1.0)}
   for r in rows:
     assert len(r["seed_scores"]) == c.study.num_seeds
     vals = [s[r["primary"]] for s in r["seed_scores"]]
@@ -253,3 +256,25 @@ def test_cell_inputs_change_with_what_a_cell_depends_on():
   other = c.copy_and_resolve_references()
   other.study.fractions = other.study.fractions + (0.25,)
   assert study_lib.cell_inputs(other, "classification", "abc") == base
+
+
+def test_mini_study_benchmarks_translators_like_the_regression_arms(
+    mini_study):
+  c, workdir, out = mini_study
+  rows = {(r["fraction"], r["arm"]): r for r in out["results"]
+          if r["task"] == "translation"}
+  for f in (0.5, 1.0):
+    t, real = rows[(f, "pix2pix (translator)")], rows[(f, "real")]
+    assert t["arm_kind"] == "translator" and t["method"] == "pix2pix"
+    assert len(t["seed_scores"]) == c.study.num_seeds
+    # Scored like the U-Net arms: same metrics, paired delta to real-only.
+    assert set(t["seed_scores"][0]) == set(real["seed_scores"][0])
+    assert np.isfinite(t["delta_vs_real"]["mean"])
+  # Each seed's translator saw exactly that seed's real subjects.
+  cfg = study_lib.translator_config(c, "pix2pix", "translation", 0.5, 1)
+  assert (cfg.data.subject_fraction, cfg.data.subject_seed) == (0.5, 1)
+  assert tuple(cfg.translation.source) == tuple(
+      c.study.tasks.translation.inputs)
+  assert os.path.isdir(os.path.join(workdir, "translators",
+                                    "translation_pix2pix_f0.5_s1",
+                                    "checkpoints"))

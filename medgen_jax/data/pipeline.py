@@ -17,6 +17,7 @@ from typing import Dict, Iterator, Mapping, Optional, Tuple
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from medgen_jax.data import preprocess
 from medgen_jax.train import sharding as sharding_lib
@@ -223,9 +224,12 @@ class Batcher:
                        f"{self.process_count} processes")
     if self.unpaired:
       subjects = self.arrays.get("subject_id")
-      if subjects is None or len(np.unique(subjects)) < 2:
-        raise ValueError("unpaired batches need subject ids of at least 2 "
-                         "subjects")
+      if subjects is None or len(subjects) < 2:
+        raise ValueError("unpaired batches need subject ids and at least 2 "
+                         "examples")
+      if len(np.unique(subjects)) < 2:
+        logging.warning("unpaired batches from one subject: the partners "
+                        "are its other slices, not other subjects")
 
   @property
   def num_examples(self) -> int:
@@ -251,15 +255,17 @@ class Batcher:
   def partner_indices(self, step: int, idx: np.ndarray) -> np.ndarray:
     """For each example ``idx``, one of another subject: the same position
     of an independent stream, moved along that stream past examples of the
-    same subject."""
+    same subject (past the example itself when there is one subject)."""
     n = self.num_examples
     subjects = self.arrays["subject_id"]
+    # With a single subject, the partner is another of its examples.
+    ids = subjects if len(np.unique(subjects)) > 1 else np.arange(n)
     epochs, offsets = self._stream(step)
     out = np.empty(len(idx), np.int64)
     for i, (e, o) in enumerate(zip(epochs, offsets)):
       perm = _epoch_permutation(self.seed + 1_000_003, int(e), n)
       j = 0
-      while subjects[perm[(o + j) % n]] == subjects[idx[i]]:
+      while ids[perm[(o + j) % n]] == ids[idx[i]]:
         j += 1
       out[i] = perm[(o + j) % n]
     return out

@@ -20,6 +20,7 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -28,6 +29,7 @@ from scipy import stats as scipy_stats
 
 from medgen_jax import jsonl
 from medgen_jax import runtime
+from medgen_jax import sampling
 from medgen_jax.data import augment as augment_lib
 from medgen_jax.data import pipeline
 from medgen_jax.downstream import fit as fit_lib
@@ -275,8 +277,11 @@ def real_pools(train: Arrays, fraction: float, num_seeds: int,
 
 
 def run_downstream(config, workdir: str, real: Dict[str, Arrays],
-                   synthetic: Dict[str, Arrays]) -> List[Dict[str, Any]]:
-  """Trains and scores every (task, fraction, arm) cell not yet done."""
+                   synthetic: Dict[str, Arrays],
+                   segmenters: Optional[Dict[str, "TargetSegmenter"]] = None
+                   ) -> List[Dict[str, Any]]:
+  """Trains and scores every (task, fraction, arm) cell not yet done;
+  translation tasks' target segmenters go into ``segmenters``."""
   sc = config.study
   path = os.path.join(workdir, RESULTS)
   done = _done_cells(path)
@@ -301,7 +306,7 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
   results = [done[(t, f, a.name)] for t, f, a in cells
              if (t, f, a.name) in done]
   fitters: Dict[str, fit_lib.Fitter] = {}
-  segmenters: Dict[str, "TargetSegmenter"] = {}
+  segmenters = {} if segmenters is None else segmenters
   keys = fit_lib.seed_keys(config.seed, sc.num_seeds)
   size = max([len(s["image"]) for s in synthetic.values()] or [1])
   placeholder = {k: np.zeros((size,) + train[k].shape[1:], train[k].dtype)
@@ -390,8 +395,15 @@ class TargetSegmenter:
     """``seg_dice`` on translated test images, ``seg_dice_real`` on real."""
     fake = fit_lib.predict_all(translator, state.params,
                                translator.task.x(test))
+    return self.score_images(fake, translator.task.target, test)
+
+  def score_images(self, fake: np.ndarray, target: int,
+                   test: Arrays) -> Dict[str, float]:
+    """``seg_dice`` of the segmenter on test images whose channel
+    ``target`` is replaced by ``fake [N, *S]``; ``seg_dice_real`` on the
+    real ones."""
     image = np.array(test["image"], copy=True)
-    image[..., translator.task.target] = fake
+    image[..., target] = fake
     masks = fit_lib.predict_all(self.fitter, self.params,
                                 self.fitter.task.x({"image": image}))
     seg = tasks_lib.segmentation_scores(masks, test["lesion_mask"], 2)
@@ -424,6 +436,105 @@ def train_target_segmenter(task: tasks_lib.Task,
                           desc=f"{target} segmenter")
   real = fit_lib.score_seeds(fitter, states, test)[0]["dice"]
   return TargetSegmenter(fitter, states[0].params, real)
+
+
+# ------------------------------------------------- translator benchmark ----
+
+
+def translator_config(config: ml_collections.ConfigDict, name: str,
+                      task_name: str, fraction: float, seed: int
+                      ) -> ml_collections.ConfigDict:
+  """Translator ``name``'s config for one (task, fraction, seed) cell: the
+  study's data restricted to the subjects the downstream arms of that seed
+  see, and the task's input and target contrasts as its translation."""
+  # Unlocked copies: the command line locks the study's config.
+  gen = ml_collections.ConfigDict(config.translators[name].to_dict())
+  own = {k: gen.data[k] for k in ("batch_size", "unpaired") if k in gen.data}
+  gen.data = ml_collections.ConfigDict({**config.data.to_dict(), **own})
+  gen.data.subject_fraction = fraction
+  gen.data.subject_seed = seed
+  task = config.study.tasks[task_name]
+  gen.translation = ml_collections.ConfigDict(dict(
+      source=tuple(task.inputs), target=(task.target,)))
+  gen.seed = config.seed + seed
+  return gen
+
+
+def run_translators(config, workdir: str, real: Dict[str, Arrays],
+                    results: List[Dict[str, Any]],
+                    segmenters: Dict[str, "TargetSegmenter"]) -> None:
+  """Trains every translator of ``config.translators`` (pix2pix, CycleGAN,
+  VAE-GAN, ...) on each translation task, fraction and seed, on exactly the
+  real subjects of that seed's downstream arms, and scores it on the test
+  subjects like the task's U-Net regression arms (SSIM/PSNR/MAE, and the
+  lesion Dice of the target segmenter on the translated images); appends
+  one ``<name> (translator)`` cell per (task, fraction) to ``results``."""
+  sc = config.study
+  path = os.path.join(workdir, RESULTS)
+  done = _done_cells(path)
+  test, train = real[sc.test_split], real[config.data.train_split]
+  tasks = [t for t, c in sc.tasks.items() if c.kind == "translation"]
+  cells = [(t, f, n) for t in tasks for f in sc.fractions
+           for n in config.translators]
+  for task_name, fraction, name in runtime.progress(cells, len(cells),
+                                                    desc="translators"):
+    arm = f"{name} (translator)"
+    cfgs = [translator_config(config, name, task_name, fraction, s)
+            for s in range(sc.num_seeds)]
+    inputs = hashlib.sha256(json.dumps(
+        [cell_inputs(config, task_name)] + [c.to_dict() for c in cfgs],
+        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    old = done.get((task_name, fraction, arm))
+    if old is not None and old.get("inputs") == inputs:
+      results.append(old)
+      continue
+    tcfg = sc.tasks[task_name]
+    contrasts = list(config.data.contrasts)
+    source = test["image"][..., [contrasts.index(c) for c in tcfg.inputs]]
+    target = contrasts.index(tcfg.target)
+    t0 = time.time()
+    seed_scores = []
+    for s, cfg in enumerate(cfgs):
+      run_dir = os.path.join(workdir, "translators",
+                             f"{task_name}_{name}_f{fraction:g}_s{s}")
+      trainer.train(cfg, run_dir)
+      exp, _, state, _ = trainer.load_for_sampling(cfg, run_dir)
+      pred = sampling.translate(exp.method, state, source,
+                                jax.random.key(s), int(cfg.data.batch_size))
+      scores = tasks_lib.translation_scores(
+          pred[..., 0], test["image"][..., target],
+          test["image"][..., target] > -1.0 + 1e-3)
+      if tcfg.get("segmenter_steps", 0):
+        if task_name not in segmenters:
+          segmenters[task_name] = train_target_segmenter(
+              tasks_lib.make_task(task_name, tcfg, contrasts,
+                                  config.data.spatial_dims),
+              tcfg, config, _segmenter_pools(train), test)
+        scores.update(segmenters[task_name].score_images(pred[..., 0],
+                                                         target, test))
+      seed_scores.append(scores)
+    record = dict(
+        task=task_name, kind="translation", fraction=fraction, arm=arm,
+        arm_kind="translator", generator=None,
+        primary=tasks_lib.PRIMARY["translation"], seed_scores=seed_scores,
+        metrics={m: summarize([x[m] for x in seed_scores])
+                 for m in seed_scores[0]},
+        method=cfgs[0].method.name, seconds=time.time() - t0, inputs=inputs)
+    key = _cell_key(record)
+    jsonl.rewrite(path, lambda r, key=key: _cell_key(r) != key, append=record)
+    results.append(record)
+
+
+def _segmenter_pools(train: Arrays) -> fit_lib.Pools:
+  """All real training rows, no synthetic data (the target segmenter's)."""
+  keys = [k for k in ("image", "label", "lesion_mask") if k in train]
+  n = len(train["image"])
+  return fit_lib.Pools(
+      real={k: jnp.asarray(train[k]) for k in keys},
+      real_index=jnp.arange(n, dtype=jnp.int32)[None],
+      real_count=jnp.asarray([n], jnp.int32),
+      synthetic={k: jnp.asarray(train[k][:1]) for k in keys},
+      synthetic_count=jnp.asarray(0, jnp.int32))
 
 
 def paired_deltas(results: List[Dict[str, Any]]) -> None:
@@ -472,7 +583,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       real[config.study.test_split], synthetic, config.evals.generative,
       os.path.join(workdir, GEN_METRICS))
   stage("generator metrics")
-  results = run_downstream(config, workdir, real, synthetic)
+  segmenters: Dict[str, TargetSegmenter] = {}
+  results = run_downstream(config, workdir, real, synthetic, segmenters)
+  if config.get("translators"):
+    run_translators(config, workdir, real, results, segmenters)
   paired_deltas(results)
   stage("downstream")
   summary = dict(config=config, workdir=workdir, results=results,
