@@ -319,3 +319,21 @@ def test_vaegan_generates_or_translates(data_dir, arg, capability):
     src = np.asarray(batch["image"][..., :1])
     assert sampling.translate(method, state, src, jax.random.key(0),
                               8).shape == src.shape
+
+
+def test_one_image_per_class_is_flagged_as_collapse():
+  """Pooled pairs (mostly across classes) hide a per-class collapse."""
+  from medgen_jax.eval import generative  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  real = rng.uniform(-1, 1, (16, 32, 32, 1)).astype(np.float32)
+  labels = np.repeat([0, 1], 8)
+  fake = np.concatenate([np.repeat(real[:1], 8), np.repeat(real[8:9], 8)])
+  scores = generative.class_collapse({"image": fake, "label": labels},
+                                     {"image": real, "label": labels}, 20,
+                                     jax.random.key(0))
+  assert set(scores) == {"0", "1"}
+  assert all(v > 0.99 for v in scores.values())
+  diverse = generative.class_collapse({"image": real, "label": labels},
+                                      {"image": real, "label": labels}, 20,
+                                      jax.random.key(0))
+  assert all(abs(v) < 1e-6 for v in diverse.values())

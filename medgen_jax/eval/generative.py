@@ -39,6 +39,25 @@ def collapse_score(ms_ssim: float, ms_ssim_real: float) -> float:
   return float((ms_ssim - ms_ssim_real) / max(1.0 - ms_ssim_real, 1e-6))
 
 
+def class_collapse(candidate: Arrays, heldout: Arrays, pairs: int,
+                   rng: jax.Array) -> Dict[str, float]:
+  """:func:`collapse_score` within each class that has at least 2 real and
+  2 synthetic images, keyed by the class index as a string."""
+  out = {}
+  for c in np.unique(candidate["label"]):
+    fake = candidate["image"][candidate["label"] == c]
+    real = heldout["image"][heldout["label"] == c]
+    if len(fake) < 2 or len(real) < 2:
+      continue
+    key = jax.random.fold_in(rng, int(c))
+    out[str(int(c))] = collapse_score(
+        float(image_metrics.ms_ssim_diversity(fake, pairs, key,
+                                              data_range=2.0)),
+        float(image_metrics.ms_ssim_diversity(real, pairs, key,
+                                              data_range=2.0)))
+  return out
+
+
 def set_metrics(enc: encoder_lib.Encoder, train: Arrays, heldout: Arrays,
                 candidate: Arrays, cfg: ml_collections.ConfigDict,
                 seed: int = 0, audit: bool = True) -> Dict[str, Any]:
@@ -59,7 +78,9 @@ def set_metrics(enc: encoder_lib.Encoder, train: Arrays, heldout: Arrays,
     JSON-ready metrics: fid, kid {mean, std}, precision, recall, density,
     coverage, ms_ssim (diversity: mean MS-SSIM of random pairs, lower is
     more diverse), ms_ssim_real (the same for the real held-out images),
-    mode_collapse (:func:`collapse_score`), and when ``audit``:
+    mode_collapse (:func:`collapse_score`; with labels the largest of the
+    pooled and the per-class scores, the latter also as
+    mode_collapse_per_class), and when ``audit``:
     memorized_fraction
     (pixel space), memorized_fraction_features, memorization {pixels,
     features} summaries and closest_pairs (synthetic, train index pairs).
@@ -86,6 +107,15 @@ def set_metrics(enc: encoder_lib.Encoder, train: Arrays, heldout: Arrays,
           heldout["image"], cfg.diversity_pairs, jax.random.fold_in(rng, 1),
           data_range=2.0)))
   out["mode_collapse"] = collapse_score(out["ms_ssim"], out["ms_ssim_real"])
+  if "label" in candidate and "label" in heldout:
+    # A class-conditional generator can collapse to one image per class
+    # while the pooled pairs, mostly across classes, still look diverse.
+    per_class = class_collapse(candidate, heldout, cfg.diversity_pairs,
+                               jax.random.fold_in(rng, 2))
+    if per_class:
+      out["mode_collapse_per_class"] = per_class
+      out["mode_collapse"] = max([out["mode_collapse"]] +
+                                 list(per_class.values()))
   if "lesion_mask" in candidate and "label" in candidate:
     out["label_agreement"] = float(np.mean(
         _label_of_mask(candidate["lesion_mask"]) == candidate["label"]))
