@@ -327,7 +327,8 @@ def test_one_image_per_class_is_flagged_as_collapse():
   rng = np.random.default_rng(0)
   real = rng.uniform(-1, 1, (16, 32, 32, 1)).astype(np.float32)
   labels = np.repeat([0, 1], 8)
-  fake = np.concatenate([np.repeat(real[:1], 8), np.repeat(real[8:9], 8)])
+  fake = np.concatenate([np.repeat(real[:1], 8, axis=0),
+                         np.repeat(real[8:9], 8, axis=0)])
   scores = generative.class_collapse({"image": fake, "label": labels},
                                      {"image": real, "label": labels}, 20,
                                      jax.random.key(0))
