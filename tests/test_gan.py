@@ -80,7 +80,7 @@ def test_diff_augment_same_key_same_transform_and_gradients():
 
 @pytest.fixture(scope="module")
 def acgan_run(data_dir):
-  c = acgan_config.get_config("res=16,runlocal,mask")
+  c = acgan_config.get_config("res=16,runlocal,mask,head=acgan")
   c.data.update(data_dir=data_dir, num_subjects=5)
   exp = trainer.build_experiment(c)
   state = trainer.init_state(exp)
@@ -125,7 +125,7 @@ def test_gan_configs_validate_and_reject_mismatches():
               "dims=3,res=16,runlocal"):
     config_check.validate(dcgan_config.get_config(arg))
     config_check.validate(acgan_config.get_config(arg))
-  config_check.validate(acgan_config.get_config("head=projection"))
+  config_check.validate(acgan_config.get_config("head=acgan"))
   c = dcgan_config.get_config("head=acgan")
   with pytest.raises(config_check.ConfigError, match="needs data.cond"):
     config_check.validate(c)
