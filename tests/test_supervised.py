@@ -3,7 +3,6 @@
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

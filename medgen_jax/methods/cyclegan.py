@@ -225,12 +225,7 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
     errors.append("cyclegan needs data.unpaired=True (the two domains from "
                   "different subjects)")
   if checks.section_keys(errors, "model", m, MODEL_KEYS, "cyclegan"):
-    errors += unet_lib.pyramid_errors(
-        ml_collections.ConfigDict(dict(
-            ch=m.g_ch, ch_mult=m.g_ch_mult, num_groups=m.num_groups,
-            dtype=m.dtype, conv_lowering=m.conv_lowering)),
-        config.data.res, prefix="model.g")
-    checks.positive(errors, "model.d_layers", m.d_layers)
+    errors += unet_lib.translator_model_errors(m, config.data.res)
   if checks.section_keys(errors, "method", me, METHOD_KEYS, "cyclegan"):
     checks.positive(errors, "method.cycle_weight", me.cycle_weight)
     checks.positive(errors, "method.identity_weight", me.identity_weight,

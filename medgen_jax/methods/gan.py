@@ -74,11 +74,9 @@ class GAN:
         num_classes=self.num_classes,
         head=me.head if self.num_classes else "none",
         spatial_dims=len(spatial), **kw)
-    steps = config.train.num_steps
-    d_optim = ml_collections.ConfigDict(config.optim.to_dict())
-    d_optim.lr = config.optim.lr * me.disc_lr_mult
-    self.tx = {"gen": optim.make_optimizer(config.optim, steps),
-               "disc": optim.make_optimizer(d_optim, steps)}
+    self.tx = optim.adversarial_optimizers(config.optim,
+                                           config.train.num_steps,
+                                           me.disc_lr_mult)
     self.d_adv, self.g_adv = losses.adversarial(me.loss)
 
   # ------------------------------------------------------------- pieces --
@@ -276,9 +274,8 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
     for prefix, ch, mult in (("g", m.g_ch, m.g_ch_mult),
                              ("d", m.d_ch, m.d_ch_mult)):
       errors += unet_lib.pyramid_errors(
-          ml_collections.ConfigDict(dict(
-              ch=ch, ch_mult=mult, num_groups=m.num_groups, dtype=m.dtype,
-              conv_lowering=m.conv_lowering)), config.data.res,
+          dict(ch=ch, ch_mult=mult, num_groups=m.num_groups, dtype=m.dtype,
+               conv_lowering=m.conv_lowering), config.data.res,
           prefix=f"model.{prefix}")
     checks.positive(errors, "model.z_dim", m.z_dim)
   if checks.section_keys(errors, "method", me, METHOD_KEYS, "gan"):

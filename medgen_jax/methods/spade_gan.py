@@ -59,11 +59,9 @@ class SpadeGAN:
     self.disc = ae.PatchDiscriminator(ch=m.d_ch, num_layers=m.d_layers,
                                       num_groups=m.num_groups,
                                       spatial_dims=len(spatial), **kw)
-    steps = config.train.num_steps
-    d_optim = ml_collections.ConfigDict(config.optim.to_dict())
-    d_optim.lr = config.optim.lr * me.disc_lr_mult
-    self.tx = {"gen": optim.make_optimizer(config.optim, steps),
-               "disc": optim.make_optimizer(d_optim, steps)}
+    self.tx = optim.adversarial_optimizers(config.optim,
+                                           config.train.num_steps,
+                                           me.disc_lr_mult)
     self.d_adv, self.g_adv = losses.adversarial(me.loss)
 
   def _split(self, batch: Batch) -> Tuple[jax.Array, jax.Array]:
@@ -185,13 +183,8 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
   if config.data.cond:
     errors.append("spade_gan is conditioned on masks; set data.cond=''")
   if checks.section_keys(errors, "model", m, MODEL_KEYS, "spade_gan"):
-    errors += unet_lib.pyramid_errors(
-        ml_collections.ConfigDict(dict(
-            ch=m.g_ch, ch_mult=m.g_ch_mult, num_groups=m.num_groups,
-            dtype=m.dtype, conv_lowering=m.conv_lowering)),
-        config.data.res, prefix="model.g")
+    errors += unet_lib.translator_model_errors(m, config.data.res)
     checks.positive(errors, "model.z_dim", m.z_dim)
-    checks.positive(errors, "model.d_layers", m.d_layers)
   if checks.section_keys(errors, "method", me, METHOD_KEYS, "spade_gan"):
     checks.one_of(errors, "method.loss", me.loss,
                   ("hinge", "nonsaturating", "least_squares"))

@@ -145,21 +145,21 @@ def pyramid_errors(model, res, prefix: str = "model") -> List[str]:
   ``dtype``/``conv_lowering`` at image side ``res`` (U-Nets and the
   autoencoders alike)."""
   errors: List[str] = []
-  levels = len(model.ch_mult)
+  ch, ch_mult, groups = model["ch"], model["ch_mult"], model["num_groups"]
+  levels = len(ch_mult)
   if not levels:
     errors.append(f"{prefix}.ch_mult is empty")
   elif isinstance(res, int) and res % (2 ** (levels - 1)):
     errors.append(f"data.res={res} must be divisible by 2**(len({prefix}."
                   f"ch_mult)-1)={2 ** (levels - 1)}")
-  for mult in model.ch_mult:
-    if (model.ch * mult) % model.num_groups:
-      errors.append(f"{prefix}.num_groups={model.num_groups} must divide "
-                    f"every level's channels (ch*ch_mult = "
-                    f"{model.ch * mult})")
+  for mult in ch_mult:
+    if (ch * mult) % groups:
+      errors.append(f"{prefix}.num_groups={groups} must divide every "
+                    f"level's channels (ch*ch_mult = {ch * mult})")
       break
-  checks.one_of(errors, f"{prefix}.dtype", model.dtype,
+  checks.one_of(errors, f"{prefix}.dtype", model["dtype"],
                 ("float32", "bfloat16"))
-  checks.one_of(errors, f"{prefix}.conv_lowering", model.conv_lowering,
+  checks.one_of(errors, f"{prefix}.conv_lowering", model["conv_lowering"],
                 conv_lib.LOWERINGS)
   return errors
 
@@ -173,4 +173,15 @@ def config_errors(model, res) -> List[str]:
   if model.ch_mult and (model.ch * model.ch_mult[-1]) % model.num_heads:
     errors.append(f"model.num_heads={model.num_heads} must divide the "
                   f"middle attention's channels ({model.ch * model.ch_mult[-1]})")
+  return errors
+
+
+def translator_model_errors(model, res) -> List[str]:
+  """Problems of a ``model`` section with a generator pyramid (``g_ch``,
+  ``g_ch_mult``) and a PatchGAN (``d_layers``) at image side ``res``."""
+  errors = pyramid_errors(
+      dict(ch=model.g_ch, ch_mult=model.g_ch_mult, num_groups=model.num_groups,
+           dtype=model.dtype, conv_lowering=model.conv_lowering),
+      res, prefix="model.g")
+  checks.positive(errors, "model.d_layers", model.d_layers)
   return errors

@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules from a config section."""
 
-from typing import Any
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
@@ -84,3 +84,15 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(),
                                       update)
+
+
+def adversarial_optimizers(cfg: ml_collections.ConfigDict, num_steps: int,
+                           disc_lr_mult: float
+                           ) -> Dict[str, optax.GradientTransformation]:
+  """``{"gen", "disc"}``: the ``optim`` section for the generator, and for
+  the discriminator with its learning rate times ``disc_lr_mult`` (the
+  two time-scale update rule, Heusel et al. 2017)."""
+  d_cfg = ml_collections.ConfigDict(cfg.to_dict())
+  d_cfg.lr = cfg.lr * disc_lr_mult
+  return {"gen": make_optimizer(cfg, num_steps),
+          "disc": make_optimizer(d_cfg, num_steps)}
