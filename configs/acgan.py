@@ -7,10 +7,13 @@ Run::
 
 Args: as ``configs/dcgan.py``, plus ``head=projection`` (default) or
 ``head=acgan`` (the auxiliary classifier). With ``mask`` every sample comes
-with its lesion mask. The projection head is the default: at res=32 with the
-mask, 3000 steps of the auxiliary-classifier head drew one image per class
-(per-class collapse score 0.86), while 1000 steps of the projection head
-drew lesion masks in the lesion class only and varied within each class.
+with its lesion mask.
+
+At res=32 with the mask both heads collapse within each class at the default
+budget (3000 steps): the auxiliary-classifier head to one image per class
+(per-class collapse score 0.86), the projection head to a few (0.70, label
+agreement 1.0); the generative evaluator flags both. The unconditional
+``configs/dcgan.py`` stayed diverse at 1000 steps.
 """
 
 import ml_collections
