@@ -9,11 +9,8 @@ Args: as ``configs/dcgan.py``, plus ``head=projection`` (default) or
 ``head=acgan`` (the auxiliary classifier). With ``mask`` every sample comes
 with its lesion mask.
 
-At res=32 with the mask both heads collapse within each class at the default
-budget (3000 steps): the auxiliary-classifier head to one image per class
-(per-class collapse score 0.86), the projection head to a few (0.70, label
-agreement 1.0); the generative evaluator flags both. The unconditional
-``configs/dcgan.py`` stayed diverse at 1000 steps.
+What the default budget produces (and where both heads collapse within a
+class): docs/methods.md.
 """
 
 import ml_collections
