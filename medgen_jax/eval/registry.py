@@ -561,7 +561,8 @@ def _loss_errors(config, prefix: str, f) -> List[str]:
 # ------------------------------------------------------- reconstruction ----
 
 
-RECONSTRUCTION_DEFAULTS = dict(
+# Fields of the evaluators that score a fixed subset of held-out images.
+HELDOUT_DEFAULTS = dict(
     # "": data.eval_split.
     split="",
     # 0: the whole split.
@@ -569,6 +570,21 @@ RECONSTRUCTION_DEFAULTS = dict(
     # 0: data.batch_size.
     batch_size=0,
     seed=0)
+RECONSTRUCTION_DEFAULTS = HELDOUT_DEFAULTS
+
+
+def _heldout_rows(num_available: int, fields) -> np.ndarray:
+  """The sorted rows a held-out evaluator scores: ``fields.num_examples``
+  (0: all) drawn with ``fields.seed``."""
+  n = min(num_available, fields.num_examples or num_available)
+  return np.sort(np.random.default_rng(fields.seed).permutation(
+      num_available)[:n])
+
+
+def _ssim_window(spatial) -> int:
+  """The largest odd SSIM window (<= 11) images of side ``spatial`` hold."""
+  win = min(11, min(spatial))
+  return win - (1 - win % 2)
 
 
 def _reconstruction(config, name, fields, workdir, real: RealData) -> EvalFn:
@@ -581,17 +597,12 @@ def _reconstruction(config, name, fields, workdir, real: RealData) -> EvalFn:
   d = config.data
   split = fields.split or d.eval_split
   arrays = real.model_inputs(split)
-  n = len(arrays["image"])
-  if fields.num_examples:
-    n = min(n, fields.num_examples)
-  rows = np.sort(np.random.default_rng(fields.seed).permutation(
-      len(arrays["image"]))[:n])
+  rows = _heldout_rows(len(arrays["image"]), fields)
+  n = len(rows)
   batch = {k: v[rows] for k, v in arrays.items()}
   target = sampling.split_outputs(batch["image"], d)
   batch_size = fields.batch_size or d.batch_size
-  # The largest odd SSIM window (<= 11) the images hold.
-  win = min(11, min(target["image"].shape[1:-1]))
-  win -= 1 - win % 2
+  win = _ssim_window(target["image"].shape[1:-1])
   card = dict(split=split, num_examples=int(n), seed=fields.seed,
               data_range=2.0, ssim_window=int(win),
               params="EMA parameters when the method keeps them",
@@ -644,14 +655,7 @@ def _reconstruction_errors(config, prefix: str, f) -> List[str]:
 # ---------------------------------------------------------- translation ----
 
 
-TRANSLATION_DEFAULTS = dict(
-    # "": data.eval_split.
-    split="",
-    # 0: the whole split.
-    num_examples=256,
-    # 0: data.batch_size.
-    batch_size=0,
-    seed=0)
+TRANSLATION_DEFAULTS = HELDOUT_DEFAULTS
 
 
 def _translation(config, name, fields, workdir, real: RealData) -> EvalFn:
@@ -667,13 +671,11 @@ def _translation(config, name, fields, workdir, real: RealData) -> EvalFn:
   tgt_idx = [contrasts.index(c) for c in t.target]
   split = fields.split or d.eval_split
   image = real.arrays(split)["image"]
-  n = min(len(image), fields.num_examples or len(image))
-  rows = np.sort(np.random.default_rng(fields.seed).permutation(
-      len(image))[:n])
+  rows = _heldout_rows(len(image), fields)
+  n = len(rows)
   source, target = image[rows][..., src_idx], image[rows][..., tgt_idx]
   batch_size = fields.batch_size or d.batch_size
-  win = min(11, min(image.shape[1:-1]))
-  win -= 1 - win % 2
+  win = _ssim_window(image.shape[1:-1])
   card = dict(split=split, num_examples=int(n), seed=fields.seed,
               source=list(t.source), target=list(t.target), data_range=2.0,
               ssim_window=int(win),

@@ -38,7 +38,7 @@ import ml_collections
 from medgen_jax import checks
 from medgen_jax.methods import losses
 from medgen_jax.methods.base import Batch, Metrics
-from medgen_jax.methods.vae import pyramid_kwargs
+from medgen_jax.methods.vae import bottom_shape, pyramid_kwargs
 from medgen_jax.nn import autoencoder as ae
 from medgen_jax.nn import classifier as classifier_lib
 from medgen_jax.nn import unet as unet_lib
@@ -70,8 +70,7 @@ class AutoencoderKL:
     d, m, me = config.data, config.model, config.method
     self.num_contrasts = len(d.contrasts)
     spatial_dims = len(self.image_shape) - 1
-    factor = 2 ** (len(m.ch_mult) - 1)
-    self.latent_shape = tuple(s // factor for s in self.image_shape[:-1]) + (
+    self.latent_shape = bottom_shape(self.image_shape[:-1], m) + (
         m.z_channels,)
     kw = pyramid_kwargs(m, spatial_dims, 0)
     self.encoder = ae.Encoder(out_channels=2 * m.z_channels, **kw)

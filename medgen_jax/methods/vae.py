@@ -40,6 +40,14 @@ from medgen_jax.train.state import (TrainState, apply_gradients, create_state,
 PyTree = Any
 
 
+def bottom_shape(spatial: Tuple[int, ...],
+                 model: ml_collections.ConfigDict) -> Tuple[int, ...]:
+  """Spatial shape of a conv pyramid's lowest level: ``spatial`` halved
+  ``len(model.ch_mult) - 1`` times."""
+  factor = 2 ** (len(model.ch_mult) - 1)
+  return tuple(s // factor for s in spatial)
+
+
 def pyramid_kwargs(model: ml_collections.ConfigDict, spatial_dims: int,
                    num_classes: int) -> Dict[str, Any]:
   """Keyword arguments shared by the autoencoders' encoder and decoder."""
@@ -71,8 +79,7 @@ class VAE:
     self.num_contrasts = len(d.contrasts)
     self.num_classes = int(d.num_classes) if d.cond == "label" else 0
     spatial = self.image_shape[:-1]
-    factor = 2 ** (len(m.ch_mult) - 1)
-    base = tuple(s // factor for s in spatial)
+    base = bottom_shape(spatial, m)
     kw = pyramid_kwargs(m, len(spatial), self.num_classes)
     vector = m.latent == "vector"
     self.latent_shape = (m.z_dim,) if vector else base + (m.z_dim,)

@@ -32,7 +32,7 @@ from medgen_jax import checks
 from medgen_jax.methods import losses
 from medgen_jax.methods import pix2pix
 from medgen_jax.methods.base import Batch, Metrics
-from medgen_jax.methods.vae import pyramid_kwargs
+from medgen_jax.methods.vae import bottom_shape, pyramid_kwargs
 from medgen_jax.nn import autoencoder as ae
 from medgen_jax.nn import gan as gan_nn
 from medgen_jax.nn import unet as unet_lib
@@ -68,8 +68,7 @@ class VAEGAN:
       self.inputs = self.outputs = list(range(self.image_shape[-1]))
     self.num_classes = int(config.data.num_classes)
     spatial = self.image_shape[:-1]
-    factor = 2 ** (len(m.ch_mult) - 1)
-    base = tuple(s // factor for s in spatial)
+    base = bottom_shape(spatial, m)
     # A translator's decoder sees no class: at translation time there is
     # none to give; its discriminator still classifies.
     kw = pyramid_kwargs(m, len(spatial),

@@ -25,7 +25,7 @@ import ml_collections
 from medgen_jax import checks
 from medgen_jax.methods import losses
 from medgen_jax.methods.base import Batch, Metrics
-from medgen_jax.methods.vae import pyramid_kwargs
+from medgen_jax.methods.vae import bottom_shape, pyramid_kwargs
 from medgen_jax.nn import autoencoder as ae
 from medgen_jax.nn import unet as unet_lib
 from medgen_jax.train import optim
@@ -54,8 +54,7 @@ class VQVAE:
     d, m = config.data, config.model
     self.num_contrasts = len(d.contrasts)
     self.num_classes = int(d.num_classes) if d.cond == "label" else 0
-    factor = 2 ** (len(m.ch_mult) - 1)
-    self.latent_shape = tuple(s // factor for s in self.image_shape[:-1]) + (
+    self.latent_shape = bottom_shape(self.image_shape[:-1], m) + (
         m.embedding_dim,)
     kw = pyramid_kwargs(m, len(self.image_shape) - 1, self.num_classes)
     self.encoder = ae.Encoder(out_channels=m.embedding_dim, **kw)
