@@ -35,6 +35,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics, samples). Default: "
     "workdirs/<config file name>.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show the traceback of expected failures too (bad "
+    "config, data, checkpoint, disk); bugs always show theirs.")
 _MODE = flags.DEFINE_enum(
     "mode", "auto", ["auto", "train", "sample", "eval", "study", "inspect"],
     "What to do; auto: the config's main job (study for study configs, "
@@ -51,13 +54,41 @@ def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt(f"received signal {signum}")
 
 
+def _verbose(argv) -> bool:
+  # Read before absl parses: a flag error must know whether to show a trace.
+  return any(a in ("--verbose", "--verbose=true", "--verbose=True")
+             for a in argv[1:])
+
+
+def _config_problem(e: BaseException) -> str:
+  """The last line of a config file's failure (absl wraps it in a flag
+  error whose text embeds the whole traceback)."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
 def _parse_flags(argv):
-  """absl's parser, plus a one-line error for a ``--config.<key>`` override of
-  a key the config does not have (ml_collections raises AttributeError or
-  KeyError, with a "did you mean" hint, from inside flag parsing)."""
+  """absl's parser with one-line errors for the config flag: a config file
+  that is missing, raises or gets an unknown ``:arg``, and a
+  ``--config.<key>`` override of a key the config does not have
+  (ml_collections raises AttributeError or KeyError, with a "did you mean"
+  hint, from inside flag parsing)."""
+  config_arg = _CONFIG.default
+  for i, a in enumerate(argv[1:], start=1):
+    if a.startswith("--config="):
+      config_arg = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      config_arg = argv[i + 1]
+  path = config_arg.split(":")[0]
+  if not os.path.isfile(path):
+    # ml_collections would defer this to the config's first use.
+    sys.exit(f"error: config file {path} not found (--config=path[:args], "
+             "e.g. configs/ddpm.py:res=32)")
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
+    if _verbose(argv):
+      raise
     detail = str(e.args[0] if e.args else e)
     for _ in range(2):  # the hint arrives as the repr of a KeyError's repr.
       try:
@@ -68,6 +99,20 @@ def _parse_flags(argv):
     given = [a for a in argv[1:] if a.startswith("--config.")]
     sys.exit(f"error: a --config override names no key of the config "
              f"({' '.join(given)}): {detail}")
+  except flags.Error as e:
+    if _verbose(argv):
+      raise
+    if "Error whilst parsing config file" in str(e):
+      sys.exit(f"error: --config={config_arg}: {_config_problem(e)}; see the "
+               f"args in {path}'s docstring")
+    sys.exit(f"error: {' '.join(str(e).split())} (--helpshort lists the "
+             "flags)")
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file itself raised: name it and its error, not absl's.
+    if _verbose(argv):
+      raise
+    sys.exit(f"error: config file {path} raised {type(e).__name__}: "
+             f"{' '.join(str(e).split())} (--verbose shows the traceback)")
 
 
 def main(argv):
@@ -75,7 +120,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imports after flag parsing: a bad flag fails fast, before JAX starts.
   import jax  # pylint: disable=import-outside-toplevel
-  from medgen_jax import config_check, runtime  # pylint: disable=import-outside-toplevel
+  from medgen_jax import config_check, errors, runtime  # pylint: disable=import-outside-toplevel
   # Re-executes once with huge pages for malloc (see runtime.use_huge_pages).
   runtime.use_huge_pages()
 
@@ -85,23 +130,25 @@ def main(argv):
   # then checkpoints it (see medgen_jax/train/interrupts.py).
   signal.signal(signal.SIGTERM, _raise_interrupt)
   runtime.setup(config)
+  workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
   try:
     config_check.validate(config, num_devices=jax.device_count())
-  except config_check.ConfigError as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
-  workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
-  from medgen_jax import commands  # pylint: disable=import-outside-toplevel
-  from medgen_jax.methods import base as methods  # pylint: disable=import-outside-toplevel
-  from medgen_jax.train import checkpoint, frozen  # pylint: disable=import-outside-toplevel
-  try:
+    from medgen_jax import commands  # pylint: disable=import-outside-toplevel
     commands.run(_MODE.value, config, workdir)
-  except (checkpoint.CheckpointRestoreError, frozen.FrozenInputError,
-          methods.CapabilityError) as e:
-    # The message names the checkpoint, frozen input or capability, the
-    # cause and the way out; a traceback would only bury it.
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+  except KeyboardInterrupt as e:
+    # The trainer and the study save what they finished before this.
+    sys.stderr.write(f"interrupted ({e or 'Ctrl-C'}); finished work is saved: "
+                     "rerun the same command to resume\n")
+    sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    # One boundary: an expected failure (config, data, checkpoint, disk,
+    # non-finite loss) is a message naming the file and the way out; a bug
+    # keeps its traceback.
+    message = errors.user_message(e, where=workdir)
+    if message is None or _VERBOSE.value:
+      raise
+    logging.error("%s", message)
+    sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,30 @@ def _translator(name: str, a) -> ml_collections.ConfigDict:
   return t
 
 
+def _entries(key: str, value: str, allow_empty: bool = False):
+  """The "+"-joined entries of arg ``key``; an empty list or entry is an
+  error (``"0.5+"``, ``"generators="``) unless ``allow_empty``."""
+  entries = value.split("+") if value else []
+  if (not entries and not allow_empty) or any(not e for e in entries):
+    raise ValueError(f"{key}={value!r}: give one or more entries joined by "
+                     "'+' (see configs/study.py)")
+  return entries
+
+
+def _fractions(value: str):
+  out = []
+  for entry in _entries("fractions", value):
+    try:
+      f = float(entry)
+    except ValueError:
+      raise ValueError(f"fractions: {entry!r} is not a number") from None
+    if not 0.0 < f <= 1.0:
+      raise ValueError(f"fractions: {entry} must be in (0, 1] (a share of "
+                       "the real training subjects)")
+    out.append(f)
+  return tuple(out)
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, res=32, seeds=-1, fractions="",
                        tasks="classification+segmentation", gen_steps=0,
@@ -155,13 +179,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   gen.sample.update(steps=50 if big else 25, eta=0.0 if big else 1.0,
                     guidance_scale=1.0 if big else 3.0, batch_size=128)
   c.generators = ml_collections.ConfigDict()
-  for name in a.generators.split("+"):
+  for name in _entries("generators", a.generators):
     c.generators[name] = gen if name == "ddpm" else _generator(name, a)
 
   steps = a.task_steps or (2000 if big else 200)
   fractions = a.fractions or ("0.05+0.1+0.25+1" if big else "0.1+1")
   c.study = ml_collections.ConfigDict(dict(
-      fractions=tuple(float(f) for f in fractions.split("+")),
+      fractions=_fractions(fractions),
       num_seeds=a.seeds if a.seeds >= 0 else 3,
       arms=(("real", "real+classical", "real+synthetic",
              "real+classical+synthetic", "synthetic") if big or a.runlocal
@@ -195,13 +219,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Translated T2w images are also scored by the lesion Dice of a segmenter
   # trained on real T2w images (seg_dice; seg_dice_real is its ceiling).
   tasks["translation"].segmenter_steps = steps
-  for name in a.tasks.split("+"):
+  for name in _entries("tasks", a.tasks):
     if name not in tasks:
       raise ValueError(f"unknown task {name!r}; known: {sorted(tasks)}")
     c.study.tasks[name] = tasks[name]
 
   c.translators = ml_collections.ConfigDict()
-  for name in filter(None, a.translators.split("+")):
+  for name in _entries("translators", a.translators, allow_empty=True):
     c.translators[name] = _translator(name, a)
 
   c.augment = common.augment_config()

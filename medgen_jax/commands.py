@@ -9,8 +9,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from medgen_jax import errors
 from medgen_jax import sampling
 from medgen_jax import viz
+from medgen_jax import workdir_lock
 from medgen_jax.data import pipeline
 from medgen_jax.train import trainer
 
@@ -145,7 +147,7 @@ def inspect(config: ml_collections.ConfigDict, workdir: str
   """
   from medgen_jax.data import summary as summary_lib  # pylint: disable=import-outside-toplevel
   d = config.data
-  builder = pipeline.builder_module(d.dataset).prepare(d)
+  builder = pipeline.prepare(d)
   names = builder.info.features["label"].names if (
       "label" in builder.info.features) else []
   order = [s for s in ("train", "val", "test") if s in builder.info.splits]
@@ -181,13 +183,19 @@ def default_mode(config: ml_collections.ConfigDict) -> str:
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str):
+  """Runs ``mode`` (``auto`` or a key of :data:`MODES`) holding the
+  workdir's lock."""
   if mode == "auto":
     mode = default_mode(config)
   if mode == "study" and config.get("kind") != "study":
-    raise ValueError("--mode=study needs a study config (configs/study.py)")
+    raise errors.UserError(
+        "--mode=study needs a study config (configs/study.py)")
   if mode != "study" and config.get("kind") == "study":
-    raise ValueError(f"--mode={mode} needs a method config (e.g. "
-                     "configs/ddpm.py); a study config runs with --mode=study")
-  if mode in ("train", "sample", "eval"):
-    config = resolve_auto_inputs(config, workdir)
-  return MODES[mode](config, workdir)
+    raise errors.UserError(
+        f"--mode={mode} needs a method config (e.g. configs/ddpm.py); a "
+        "study config runs with --mode=study")
+  with workdir_lock.hold(workdir, f"--mode={mode}",
+                         primary=jax.process_index() == 0):
+    if mode in ("train", "sample", "eval"):
+      config = resolve_auto_inputs(config, workdir)
+    return MODES[mode](config, workdir)

@@ -9,6 +9,7 @@ from typing import List
 import ml_collections
 
 from medgen_jax import checks
+from medgen_jax import errors
 from medgen_jax.data import builder_lib
 from medgen_jax.data import pipeline
 from medgen_jax.data import preprocess
@@ -19,7 +20,7 @@ from medgen_jax.train import microbatch
 REQUIRED_SECTIONS = ("data", "method", "optim", "train")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value that cannot work; the message lists every problem found."""
 
 

@@ -15,12 +15,15 @@ def _lines(path: str) -> Iterator[Tuple[str, Record]]:
   """``(raw line, record)`` pairs of ``path``, skipping cut or empty lines."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
+  # errors="replace": bytes garbled by a disk fault fail json, not open.
+  with open(path, encoding="utf-8", errors="replace") as f:
     for line in f:
       try:
-        yield line, json.loads(line)
+        record = json.loads(line)
       except json.JSONDecodeError:
         continue  # a line cut by a kill mid-write.
+      if isinstance(record, dict):
+        yield line, record
 
 
 def read(path: str) -> List[Record]:

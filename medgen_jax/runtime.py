@@ -9,6 +9,8 @@ import jax
 import ml_collections
 from absl import logging as absl_logging
 
+from medgen_jax import errors
+
 
 # XLA:CPU flags the project sets (a flag already in $XLA_FLAGS wins). They
 # take effect only if set before the CPU backend starts, as setup() does.
@@ -179,13 +181,25 @@ def enable_compilation_cache(path: str = "") -> None:
 
 
 class _QuietLibraries(logging.Filter):
-  """Drops INFO chatter of orbax/TFDS internals; warnings still pass."""
+  """Drops INFO chatter of orbax/TFDS internals; their warnings and errors
+  pass as one line each, without the traceback: the exception reaches the
+  caller, and ``launch.py`` reports it (with its traceback when it is not
+  an expected failure such as a full disk)."""
 
   _NOISY = ("/orbax/", "/tensorflow_datasets/", "/array_record/")
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not any(
-        p in record.pathname for p in self._NOISY)
+    if record.name == "asyncio" and record.exc_info and errors.os_error(
+        record.exc_info[1]) is not None:
+      # orbax's write tasks that failed with the same full disk, reported
+      # again when their loop is collected at exit.
+      return False
+    if not any(p in record.pathname for p in self._NOISY):
+      return True
+    if record.levelno < logging.WARNING:
+      return False
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _drop_closed_loop_callbacks(previous: Callable[[Any], None]):

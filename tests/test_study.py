@@ -1,6 +1,7 @@
 """The augmentation study end to end, in miniature, plus its pieces."""
 
 import json
+import logging
 import os
 
 import jax
@@ -15,6 +16,7 @@ from medgen_jax import report
 from medgen_jax.data import pipeline
 from medgen_jax.downstream import fit as fit_lib
 from medgen_jax.downstream import study as study_lib
+from medgen_jax.downstream import synthetic as synthetic_lib
 from medgen_jax.eval import tasks as tasks_lib
 
 
@@ -214,6 +216,45 @@ def test_mini_study_resumes_without_recomputing(mini_study):
   out = commands.run("study", c, workdir)
   assert open(path).read() == before
   assert out["timings"]["downstream"] < 30.0
+
+
+def test_mini_study_rebuilds_damaged_caches(mini_study, caplog):
+  c, workdir, _ = mini_study
+  path = os.path.join(workdir, "results.jsonl")
+  before = open(path).read()
+  samples = os.path.join(workdir, "synthetic", "ddpm", "samples.npz")
+  with open(samples, "rb") as f:
+    data = f.read()
+  with open(samples, "wb") as f:  # cut short, as by a full disk
+    f.write(data[:len(data) // 3])
+  card = os.path.join(workdir, "encoder", "encoder.json")
+  with open(card, "wb") as f:
+    f.write(b"\xff\xfe\x00 not json")
+  with caplog.at_level(logging.WARNING):
+    commands.run("study", c, workdir)
+  assert "damaged synthetic set" in caplog.text
+  assert "BadZipFile" in caplog.text
+  assert "damaged feature-extractor cache" in caplog.text
+  with np.load(samples) as z:
+    assert len(z["label"]) == 2 * c.study.synthetic_per_class
+  # Sampled again from the same checkpoint and seed: the same set, so every
+  # scored cell (a primary result) is kept as it was.
+  assert open(path).read() == before
+
+
+def test_garbled_provenance_is_a_cache_miss_with_a_warning(tmp_path, caplog):
+  arrays = {"image": np.zeros((2, 4, 4, 1), np.float32),
+            "label": np.array([0, 1])}
+  directory = str(tmp_path / "set")
+  synthetic_lib.export(directory, arrays, dict(contrasts=["t2w"],
+                                               num_classes=2, mask_keys=[]))
+  want = {"contrasts": ["t2w"]}
+  assert study_lib._cached_export(directory, want) is not None  # pylint: disable=protected-access
+  with open(os.path.join(directory, "provenance.json"), "wb") as f:
+    f.write(b'{"contrasts": \xc3\x28')
+  with caplog.at_level(logging.WARNING):
+    assert study_lib._cached_export(directory, want) is None  # pylint: disable=protected-access
+  assert "provenance.json: unreadable (UnicodeDecodeError" in caplog.text
 
 
 def test_mini_study_reruns_a_cell_scored_with_other_settings(mini_study):

@@ -22,11 +22,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from typing import (Any, Dict, Iterable, List, Mapping, Optional, Sequence,
                     Tuple)
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from medgen_jax import errors
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
@@ -46,7 +49,7 @@ GENERIC_DATA_KEYS = REQUIRED_DATA_KEYS + (
 )
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """Bad input data; the message names the file and the problem."""
 
 
@@ -345,6 +348,39 @@ def build(builder: tfds.core.DatasetBuilder, data_dir: str
       _remove_empty_dirs(os.path.join(data_dir, sub), data_dir)
     raise
   return builder
+
+
+def damage(builder: tfds.core.DatasetBuilder) -> Optional[str]:
+  """What is wrong with a built data set's files, ``None`` if nothing.
+
+  Opens every split and reads the first and last record of every shard (a
+  truncated ArrayRecord file fails on open or on its last record) and
+  compares the counts with ``dataset_info.json``; cheap next to training.
+  """
+  for split, info in builder.info.splits.items():
+    try:
+      source = builder.as_data_source(split=split)
+      if len(source) != info.num_examples:
+        return (f"split {split!r} has {len(source)} of its "
+                f"{info.num_examples} examples")
+      start = 0
+      for length in info.shard_lengths or [info.num_examples]:
+        if length:
+          _ = source[start], source[start + length - 1]
+        start += length
+    except Exception as e:  # pylint: disable=broad-except
+      # ArrayRecord, TFDS and protobuf each raise their own types.
+      return f"split {split!r}: {describe(e)[:300]}"
+  return None
+
+
+def discard(version_dir: str) -> None:
+  """Removes a damaged built data set: renamed aside first, so no reader
+  ever sees it half-deleted, then deleted (it is derived data: the sources
+  rebuild it)."""
+  aside = f"{version_dir}.damaged{os.getpid()}"
+  os.replace(version_dir, aside)
+  shutil.rmtree(aside, ignore_errors=True)
 
 
 def prepared_builder(data_dir: str, builder_name: str, name: str

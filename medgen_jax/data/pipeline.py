@@ -10,6 +10,7 @@ state to checkpoint. A background thread keeps the next batches on device.
 import dataclasses
 import functools
 import importlib
+import os
 import queue
 import threading
 from typing import Dict, Iterator, Mapping, Optional, Tuple
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from medgen_jax.data import builder_lib
 from medgen_jax.data import preprocess
 from medgen_jax.train import sharding as sharding_lib
 
@@ -39,12 +41,36 @@ def builder_module(name: str):
     raise ValueError(f"unknown data.dataset {name!r}") from None
 
 
+def prepare(data_cfg: ml_collections.ConfigDict):
+  """The built TFDS data set of ``data_cfg`` (built first if missing).
+
+  A built data set whose files are damaged (a truncated shard after a disk
+  fault) is removed and rebuilt from its sources, with a warning.
+  """
+  module = builder_module(data_cfg.dataset)
+  builder = module.prepare(data_cfg)
+  problem = builder_lib.damage(builder)
+  if problem is None:
+    return builder
+  version_dir = os.fspath(builder.data_dir)
+  logging.warning("%s: the built data set is damaged (%s); rebuilding it "
+                  "from its sources", version_dir, problem)
+  builder_lib.discard(version_dir)
+  builder = module.prepare(data_cfg)
+  problem = builder_lib.damage(builder)
+  if problem is not None:
+    raise builder_lib.DataError(
+        f"{version_dir}: rebuilt, still unreadable ({problem}); check the "
+        "disk and data.data_dir")
+  return builder
+
+
 def read_split(data_cfg: ml_collections.ConfigDict, split: str) -> Arrays:
   """All examples of ``split`` as stacked numpy arrays ``{key: [N, ...]}``.
 
   Builds the data set first if it is not in ``data_cfg.data_dir``.
   """
-  builder = builder_module(data_cfg.dataset).prepare(data_cfg)
+  builder = prepare(data_cfg)
   if split not in builder.info.splits:
     raise ValueError(f"split {split!r} not in data set {builder.info.name} "
                      f"(has {sorted(builder.info.splits)})")

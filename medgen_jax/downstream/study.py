@@ -31,6 +31,7 @@ from medgen_jax import jsonl
 from medgen_jax import runtime
 from medgen_jax import sampling
 from medgen_jax.data import augment as augment_lib
+from medgen_jax.data import builder_lib
 from medgen_jax.data import pipeline
 from medgen_jax.downstream import fit as fit_lib
 from medgen_jax.downstream import synthetic as synthetic_lib
@@ -177,6 +178,23 @@ def synthetic_inputs(config, gen: Dict[str, Any]) -> Dict[str, Any]:
               frozen_inputs=frozen)
 
 
+def _cached_export(directory: str, want: Dict[str, Any]
+                   ) -> Optional[Arrays]:
+  """The exported set in ``directory`` if it was made from ``want``;
+  ``None`` (rebuild) if not, or if its files are damaged (a warning says
+  which): synthetic sets are derived data."""
+  try:
+    arrays, prov = synthetic_lib.synthetic_builder.read_export(directory)
+  except Exception as e:  # pylint: disable=broad-except
+    # zipfile, JSON, unicode and OS errors all mean: make it again.
+    logging.warning("%s: damaged synthetic set (%s); sampling it again",
+                    directory, builder_lib.describe(e)[:300])
+    return None
+  if not all(prov.get(k) == v for k, v in want.items()):
+    return None
+  return arrays
+
+
 def make_synthetic(config, workdir: str, gens: Dict[str, Dict[str, Any]]
                    ) -> Dict[str, Arrays]:
   """Samples and exports each generator's synthetic set (cached)."""
@@ -186,13 +204,11 @@ def make_synthetic(config, workdir: str, gens: Dict[str, Dict[str, Any]]
     directory = os.path.join(workdir, "synthetic", run)
     prov_path = os.path.join(directory, "provenance.json")
     want = synthetic_inputs(config, g)
-    if os.path.exists(prov_path):
-      with open(prov_path) as f:
-        prov = json.load(f)
-      if all(prov.get(k) == v for k, v in want.items()):
-        arrays, _ = synthetic_lib.synthetic_builder.read_export(directory)
-        out[run] = arrays
-        continue
+    cached = _cached_export(directory, want) if os.path.exists(
+        prov_path) else None
+    if cached is not None:
+      out[run] = cached
+      continue
     res = synthetic_lib.generate(g["config"], g["workdir"],
                                  sc.synthetic_per_class, sc.synthetic_seed)
     gen_cfg = g["config"]

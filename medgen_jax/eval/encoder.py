@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from medgen_jax.eval import tasks as tasks_lib
 from medgen_jax.train import supervised
@@ -118,15 +119,21 @@ def train_or_load(cfg: ml_collections.ConfigDict, contrasts, spatial_dims: int,
   card_path = os.path.join(directory, CARD)
   params_dir = os.path.join(os.path.abspath(directory), "params")
   if os.path.exists(card_path):
-    with open(card_path) as f:
-      card = json.load(f)
-    if card.get("settings") == settings:
-      abstract = jax.eval_shape(
-          lambda: task.model.init(jax.random.key(0),
-                                  task.x({"image": train["image"][:1]}))
-          ["params"])
-      params = ocp.StandardCheckpointer().restore(params_dir, abstract)
-      return Encoder(task, params, card)
+    try:
+      with open(card_path, encoding="utf-8") as f:
+        card = json.load(f)
+      if card.get("settings") == settings:
+        abstract = jax.eval_shape(
+            lambda: task.model.init(jax.random.key(0),
+                                    task.x({"image": train["image"][:1]}))
+            ["params"])
+        params = ocp.StandardCheckpointer().restore(params_dir, abstract)
+        return Encoder(task, params, card)
+    except Exception as e:  # pylint: disable=broad-except
+      # JSON, unicode, orbax and TensorStore errors alike: a cache, retrain.
+      logging.warning("%s: damaged feature-extractor cache (%s: %s); "
+                      "training it again", directory, type(e).__name__,
+                      " ".join(str(e).split())[:300])
   fitter = supervised.make_fitter(task, cfg)
   data = {"image": jnp.asarray(train["image"]),
           "label": jnp.asarray(train["label"])}

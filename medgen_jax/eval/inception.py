@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from medgen_jax import errors
+
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 # The smallest input that survives the stride-2 stages without resizing.
@@ -280,7 +282,7 @@ def load_variables(path: str) -> Dict[str, Any]:
     The Flax variables ``{"params": ..., "batch_stats": ...}`` in float32.
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"Inception weights file {path} not found; convert pytorch-fid's "
         "pt_inception-2015-12-05 state dict with "
         "experiments/tools/convert_inception_weights.py")

@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, List, Mapping, Protocol, Tuple
 import jax
 import ml_collections
 
+from medgen_jax import errors
 from medgen_jax.train.state import TrainState
 
 Batch = Dict[str, jax.Array]
@@ -100,7 +101,7 @@ class Method(Protocol):
   # ``trainer.TrainStep``).
 
 
-class CapabilityError(ValueError):
+class CapabilityError(errors.UserError, ValueError):
   """A command or evaluator asked a method for a capability it lacks."""
 
 

@@ -19,7 +19,8 @@ penalty (``method.r1_gamma``) or WGAN-GP (``method.gp_weight``) regularises
 it; losses are non-saturating, hinge, least-squares or Wasserstein. The
 discriminator has its own learning rate (TTUR: ``method.disc_lr_mult``) and
 ``method.disc_steps`` updates per trainer step; the EMA follows the generator
-only. With ``data.mask_channels`` the generator emits the lesion mask as
+only. ``method.mode_seeking`` (Mao et al. 2019) keeps a conditional
+generator from ignoring its latent and drawing one image per class. With ``data.mask_channels`` the generator emits the lesion mask as
 extra channels and the discriminator judges image and mask together.
 
 Every log line carries the stability signals: D and G losses, D accuracy
@@ -163,7 +164,14 @@ class GAN:
                                 self._augment(fake, rng), y_disc)
     adv = self.g_adv(logits)
     loss = adv + me.class_weight * self._class_loss(cls, y_fake)
-    return loss, {"g_loss": loss, "g_adv": adv}
+    signals = {"g_adv": adv}
+    if me.mode_seeking > 0:
+      # train_step pairs the labels: example i and i + h share one.
+      h = z.shape[0] // 2
+      ms = losses.mode_seeking(fake[:h], fake[h:2 * h], z[:h], z[h:2 * h])
+      loss += me.mode_seeking * ms
+      signals["mode_seeking"] = ms
+    return loss, {"g_loss": loss, **signals}
 
   def init(self, rng: jax.Array, batch: Batch) -> TrainState:
     """``params = {"gen", "disc"}``; the spectral vectors in
@@ -202,6 +210,9 @@ class GAN:
     k_z, k_y, k_aug = jax.random.split(
         jax.random.fold_in(rng, me.disc_steps), 3)
     y_fake = self._fake_labels(k_y, b)
+    if me.mode_seeking > 0 and y_fake is not None:
+      h = b // 2
+      y_fake = y_fake.at[h:2 * h].set(y_fake[:h])
     grads, g_signals = jax.grad(self.g_terms, has_aux=True)(
         state.params["gen"], state.params["disc"], spectral,
         self._z(k_z, b), y_fake, k_aug)
@@ -261,8 +272,8 @@ class GAN:
 MODEL_KEYS = ("z_dim", "g_ch", "g_ch_mult", "d_ch", "d_ch_mult",
               "num_groups", "dtype", "conv_lowering")
 METHOD_KEYS = ("name", "loss", "head", "spectral_norm", "diff_augment",
-               "r1_gamma", "gp_weight", "class_weight", "disc_steps",
-               "disc_lr_mult")
+               "r1_gamma", "gp_weight", "class_weight", "mode_seeking",
+               "disc_steps", "disc_lr_mult")
 SAMPLE_KEYS = ("num", "batch_size")
 
 
@@ -285,7 +296,7 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
     for p in me.diff_augment:
       checks.one_of(errors, "method.diff_augment entry", p,
                     gan_nn.DIFF_AUGMENT_POLICIES)
-    for k in ("r1_gamma", "gp_weight", "class_weight"):
+    for k in ("r1_gamma", "gp_weight", "class_weight", "mode_seeking"):
       checks.positive(errors, f"method.{k}", me[k], allow_zero=True)
     checks.positive(errors, "method.disc_steps", me.disc_steps)
     checks.positive(errors, "method.disc_lr_mult", me.disc_lr_mult)

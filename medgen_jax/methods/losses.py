@@ -244,6 +244,29 @@ def r1_penalty(critic, real: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))))
 
 
+def mode_seeking(images_a: jax.Array, images_b: jax.Array, z_a: jax.Array,
+                 z_b: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """Mode-seeking term of a conditional generator (Mao et al. 2019).
+
+  Two samples of one condition from two latents should differ in
+  proportion to the latents: the ratio ``mean|a - b| / mean|z_a - z_b|``
+  is small when the generator ignores ``z`` (one image per class), and the
+  generator minimises ``1 / (ratio + eps)``.
+
+  Args:
+    images_a, images_b: ``[B, ...]`` samples drawn with the same conditions.
+    z_a, z_b: ``[B, D]`` their latents.
+    eps: keeps the term finite when the samples coincide.
+
+  Returns:
+    A scalar.
+  """
+  images_a, images_b, z_a, z_b = _f32(images_a, images_b, z_a, z_b)
+  ratio = (jnp.mean(jnp.abs(images_a - images_b)) /
+           jnp.mean(jnp.abs(z_a - z_b)))
+  return 1.0 / (ratio + eps)
+
+
 ADVERSARIAL_LOSSES = ("nonsaturating", "hinge", "least_squares",
                       "wasserstein")
 

@@ -12,6 +12,8 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
+from medgen_jax import errors
+
 PyTree = Any
 
 
@@ -30,7 +32,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,
          meta: Dict[str, Any]) -> None:
   """Saves ``state`` at ``step``; refuses non-finite parameters."""
   if not all_finite(state.params):
-    raise FloatingPointError(
+    raise errors.NonFiniteError(
         f"refusing to checkpoint step {step}: parameters contain NaN/Inf; "
         f"the last good checkpoint is step {mngr.latest_step()}")
   mngr.save(step, args=ocp.args.Composite(
@@ -53,7 +55,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: PyTree,
   """
   step = mngr.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+    raise errors.MissingFileError(f"no checkpoint in {mngr.directory}")
   check_fits(mngr, step, abstract_state)
   target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -75,11 +77,11 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: PyTree,
   return step, out.state, dict(out.meta)
 
 
-class CheckpointRestoreError(RuntimeError):
+class CheckpointRestoreError(errors.UserError, RuntimeError):
   """A checkpoint that fits the config could not be read."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
   """The stored state does not have the structure or shapes the config
   builds (typically: the model or optimizer config changed)."""
 

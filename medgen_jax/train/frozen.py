@@ -20,10 +20,12 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import orbax.checkpoint as ocp
 
+from medgen_jax import errors
+
 PyTree = Any
 
 
-class FrozenInputError(ValueError):
+class FrozenInputError(errors.UserError, ValueError):
   """A frozen input is missing, unreadable or not the one a checkpoint was
   trained with."""
 

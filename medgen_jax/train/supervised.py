@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medgen_jax import errors
 from medgen_jax import runtime
 from medgen_jax.train import sharding as sharding_lib
 from medgen_jax.train.optim import make_optimizer
@@ -56,7 +57,7 @@ class Task(Protocol):
     """Held-out metrics of predictions ``pred``."""
 
 
-class DivergedError(FloatingPointError):
+class DivergedError(errors.NonFiniteError):
   """A training loss became NaN or Inf."""
 
 

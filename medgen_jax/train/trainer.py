@@ -8,6 +8,7 @@ continues exactly where the last checkpoint left it.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ from absl import logging
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
+from medgen_jax import errors
 from medgen_jax import jsonl
 from medgen_jax import runtime
 from medgen_jax import sampling
@@ -37,7 +39,7 @@ from medgen_jax.train import state as state_lib
 PyTree = Any
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.NonFiniteError):
   """Raised when a logged training metric becomes NaN or Inf."""
 
 
@@ -356,10 +358,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   Returns:
     A summary: final step, last logged metrics, wall time, sample PNG paths.
   """
-  tc = config.train
   os.makedirs(workdir, exist_ok=True)
   exp = build_experiment(config)
-  mngr = checkpoint.manager(workdir, keep=tc.keep_ckpts)
+  mngr = checkpoint.manager(workdir, keep=config.train.keep_ckpts)
+  # Closed on every path, after its pending save: a manager left open at
+  # exit makes its background thread report a second error after the real
+  # one.
+  with contextlib.closing(mngr):
+    return _train(exp, mngr, workdir)
+
+
+def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
+  """:func:`train` with its experiment and checkpoint manager."""
+  config = exp.config
+  tc = config.train
   config_path = os.path.join(workdir, "config.json")
   try:
     start, state = restore_or_init(exp, mngr)
@@ -475,8 +487,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       raise
     finally:
       with interrupts.deferred():
-        mngr.wait_until_finished()
-        writer.flush()
+        try:
+          mngr.wait_until_finished()
+        finally:
+          writer.flush()
   return {"step": int(done), "metrics": last, "seconds": time.time() - t0,
           "samples": samples, "workdir": workdir}
 
@@ -504,9 +518,12 @@ def load_for_sampling(config: ml_collections.ConfigDict, workdir: str,
   exp = build_experiment(config)
   mngr = checkpoint.manager(workdir, keep=config.train.keep_ckpts,
                             async_save=False)
-  if mngr.latest_step() is None:
-    raise FileNotFoundError(
-        f"no checkpoint in {workdir}/checkpoints; train first with "
-        "--mode=train")
-  step, state, meta = restore_state(exp, mngr, step)
+  # Closed on every path: a manager left open at exit makes its background
+  # thread report a second error after the real one.
+  with contextlib.closing(mngr):
+    if mngr.latest_step() is None:
+      raise errors.MissingFileError(
+          f"no checkpoint in {workdir}/checkpoints; train first with "
+          "--mode=train")
+    step, state, meta = restore_state(exp, mngr, step)
   return exp, step, state, meta

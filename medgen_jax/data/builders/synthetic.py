@@ -22,6 +22,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from medgen_jax import errors
 from medgen_jax.data import builder_lib
 
 SAMPLES = "samples.npz"
@@ -53,17 +54,23 @@ def read_export(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
   prov_path = os.path.join(path, PROVENANCE)
   for p in (samples, prov_path):
     if not os.path.exists(p):
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
           f"{p} not found: data.path must be a directory written by "
           "medgen_jax.downstream.synthetic.export")
-  with open(prov_path) as f:
-    provenance = json.load(f)
+  try:
+    with open(prov_path, encoding="utf-8") as f:
+      provenance = json.load(f)
+  except ValueError as e:  # JSON and UTF-8 decoding errors
+    raise builder_lib.file_error(
+        prov_path, f"unreadable ({type(e).__name__}: {e}); export the "
+        "set again") from e
   try:
     with np.load(samples) as z:
       arrays = {k: z[k] for k in z.files}
   except Exception as e:  # zipfile/pickle errors: name the file.
-    raise ValueError(f"{samples} is unreadable ({type(e).__name__}: {e})"
-                     ) from e
+    raise builder_lib.file_error(
+        samples, f"unreadable ({type(e).__name__}: {e}); export it again"
+    ) from e
   return arrays, provenance
 
 
