@@ -14,6 +14,9 @@ Modes:
   eval    run every evaluator of config.evals (FID/KID, precision/recall,
           memorization, validation loss, ...) on the latest checkpoint;
           writes DIR/eval/<name>_step_N.json and metrics.jsonl lines.
+  sampling_cost  in-domain FID/KID and wall time against the number of
+          network evaluations, per sampler (diffusion and flow configs);
+          writes DIR/eval/sampling_cost_step_N.{json,md}.
   inspect build the configured data set if needed, print its summary (counts
           per split and class, shapes, intensities, mask values) and write
           DIR/inspect/<dataset>_grid.png with the masks overlaid.
@@ -39,7 +42,8 @@ _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Show the traceback of expected failures too (bad "
     "config, data, checkpoint, disk); bugs always show theirs.")
 _MODE = flags.DEFINE_enum(
-    "mode", "auto", ["auto", "train", "sample", "eval", "study", "inspect"],
+    "mode", "auto",
+    ["auto", "train", "sample", "eval", "study", "inspect", "sampling_cost"],
     "What to do; auto: the config's main job (study for study configs, "
     "train otherwise).")
 

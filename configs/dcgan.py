@@ -49,7 +49,7 @@ def get_config(arg: str = "", cond: str = "",
       class_weight=1.0,
       # Without it a class-conditional generator learns one image per
       # class within 3000 steps here (docs/methods.md).
-      mode_seeking=1.0 if cond else 0.0,
+      mode_seeking=0.03 if cond else 0.0,
       disc_steps=1,
       disc_lr_mult=2.0,         # TTUR (Heusel et al. 2017)
   ))

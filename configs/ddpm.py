@@ -12,6 +12,8 @@ Args (``key=value`` after the colon):
   cond: "" (unconditional) or "label" (lesion present / absent, with
     classifier-free guidance).
   steps: training steps.
+  objective: "diffusion" (eps/v prediction on a discrete schedule) or
+    "rectified_flow" (velocity on the straight path; Euler sampling).
   arch: "" (size by res) or "ref6m": the 6.1 M-parameter reference U-Net
     (ch 64, (1,2,2), 2 res blocks, GroupNorm 32, one attention block in the
     middle) used to compare speed with PyTorch.
@@ -33,7 +35,8 @@ from configs import common
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, res=32, contrast="t2w", dims=2, cond="",
-                       steps=0, arch="", inception="", runlocal=False)
+                       steps=0, arch="", inception="", runlocal=False,
+                       objective="diffusion")
   contrasts = tuple(a.contrast.split("+"))
   for c in contrasts:
     if c not in common.CONTRASTS:
@@ -64,13 +67,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"arch must be '' or 'ref6m', got {a.arch!r}")
   c.method = ml_collections.ConfigDict(dict(
       name="ddpm",
+      objective=a.objective,    # diffusion | rectified_flow
+      # The diffusion's discrete process (unused by rectified_flow):
       schedule="cosine",        # linear | cosine
       timesteps=1000,
       prediction="eps",         # eps | v
       p_uncond=0.1,             # label dropout for classifier-free guidance
   ))
+  flow = a.objective == "rectified_flow"
   c.sample = ml_collections.ConfigDict(dict(
-      sampler="ddim",           # ddpm | ddim
+      # diffusion: ddpm | ddim | dpmpp_2m; rectified_flow: euler | dpmpp_2m
+      sampler="euler" if flow else "ddim",
       steps=50,
       eta=0.0,
       guidance_scale=1.0,       # 0 = unguided conditional model

@@ -123,6 +123,83 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   return {"step": step, "results": results}
 
 
+COST_STEPS = (5, 10, 25, 50, 250)
+
+
+def sampling_cost(config: ml_collections.ConfigDict, workdir: str
+                  ) -> Dict[str, Any]:
+  """In-domain FID/KID, precision/recall and wall time against the number
+  of network evaluations (NFE), for every sampler of an iterative
+  generator, on the latest checkpoint.
+
+  NFE come from ``sample.cost_steps`` (default :data:`COST_STEPS`); the
+  ancestral ``ddpm`` sampler runs only when its ``T`` is among them. The
+  metrics are the ``generative`` evaluator's (its ``num_samples``, seed and
+  label policy); each program is compiled before it is timed. Prints a
+  table and writes ``eval/sampling_cost_step_N.{json,md}``.
+  """
+  from medgen_jax.eval import registry as eval_registry  # pylint: disable=import-outside-toplevel
+  from medgen_jax.methods import base as methods  # pylint: disable=import-outside-toplevel
+  exp, step, state, _ = trainer.load_for_sampling(config, workdir)
+  samplers = getattr(exp.method, "samplers", None)
+  if samplers is None:
+    raise errors.UserError(
+        f"--mode=sampling_cost needs an iterative sampler (a diffusion or "
+        f"flow config); {type(exp.method).__name__} draws in one network "
+        "pass")
+  entries = eval_registry.entries(config)
+  name = next((k for k, v in entries.items()
+               if v.get("type") == "generative"), None)
+  if name is None:
+    raise errors.UserError("--mode=sampling_cost scores with a 'generative' "
+                           "evaluator; config.evals has none")
+  real = eval_registry.RealData(config)
+  evaluator = eval_registry.build(config, name, entries[name], workdir, real)
+  batch_size = evaluator.fields.batch_size or config.sample.batch_size
+  nfes = tuple(config.sample.get("cost_steps", ()) or COST_STEPS)
+  example = {"image": np.zeros((1,) + tuple(exp.method.image_shape),
+                               np.float32)}
+  rows = []
+  for sampler, fixed in samplers():
+    for nfe in ([fixed] if fixed else nfes):
+      if fixed and fixed not in nfes:
+        continue
+      c = config.copy_and_resolve_references()
+      c.sample.update(sampler=sampler, steps=int(nfe))
+      method = methods.build(c, example)
+      # Compiled before the clock starts: the table is about sampling.
+      eval_registry.sample_set(method, state, c, batch_size, batch_size,
+                               jax.random.key(0))
+      r = evaluator(method, state).metrics
+      n = evaluator.fields.num_samples
+      rows.append(dict(sampler=sampler, nfe=int(nfe), fid=r["fid"],
+                       kid=r["kid_mean"], precision=r["precision"],
+                       recall=r["recall"], seconds=r["sampling_seconds"],
+                       ms_per_image=1e3 * r["sampling_seconds"] / n))
+      logging.info("sampling cost: %s", rows[-1])
+  header = ("| sampler | NFE | FID | KID | precision | recall | seconds | "
+            "ms / image |\n|---|---|---|---|---|---|---|---|\n")
+  table = header + "".join(
+      f"| {r['sampler']} | {r['nfe']} | {r['fid']:.3f} | {r['kid']:.4f} | "
+      f"{r['precision']:.2f} | {r['recall']:.2f} | {r['seconds']:.1f} | "
+      f"{r['ms_per_image']:.1f} |\n" for r in rows)
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  base = os.path.join(out_dir, f"sampling_cost_step_{step}")
+  card = dict(step=step, num_samples=evaluator.fields.num_samples,
+              batch_size=batch_size, device=str(jax.devices()[0]),
+              metrics=f"evals.{name} (in-domain encoder)", rows=rows)
+  for path, text in ((base + ".json", json.dumps(card, indent=2)),
+                     (base + ".md", table)):
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)
+  print(f"Sampling cost at step {step} ({evaluator.fields.num_samples} "
+        f"samples, {jax.devices()[0].platform}):\n{table}Written: {base}.md",
+        flush=True)
+  return card
+
+
 def study(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes) the augmentation study of a ``configs/study.py``
   config and prints its summary table."""
@@ -174,7 +251,7 @@ def inspect(config: ml_collections.ConfigDict, workdir: str
 
 
 MODES = {"train": train, "sample": sample, "eval": evaluate, "study": study,
-         "inspect": inspect}
+         "inspect": inspect, "sampling_cost": sampling_cost}
 
 
 def default_mode(config: ml_collections.ConfigDict) -> str:
@@ -196,6 +273,6 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str):
         "study config runs with --mode=study")
   with workdir_lock.hold(workdir, f"--mode={mode}",
                          primary=jax.process_index() == 0):
-    if mode in ("train", "sample", "eval"):
+    if mode in ("train", "sample", "eval", "sampling_cost"):
       config = resolve_auto_inputs(config, workdir)
     return MODES[mode](config, workdir)

@@ -83,7 +83,8 @@ def test_launch_rejects_unknown_override_before_compiling(tmp_path):
 
 def test_launch_rejects_bad_value_before_compiling(tmp_path):
   r = _launch("--config=configs/ddpm.py:runlocal",
-              "--config.sample.sampler=euler", f"--workdir={tmp_path}")
+              "--config.sample.sampler=heun", f"--workdir={tmp_path}")
   assert r.returncode != 0
-  assert "sample.sampler='euler' must be one of ('ddpm', 'ddim')" in r.stderr
+  assert ("sample.sampler='heun' must be one of ('ddpm', 'ddim', "
+          "'dpmpp_2m')") in r.stderr
   assert not os.path.exists(tmp_path / "checkpoints")

@@ -245,3 +245,40 @@ def test_loss_trajectory_is_fixed_for_a_seed(tiny_config):
   np.testing.assert_allclose(
       losses, [1.0484797954559326, 0.9598142504692078, 0.9620004892349243,
                0.9524409770965576, 0.9700015187263489], rtol=1e-5)
+
+
+def test_rectified_flow_trains_and_samples_with_guidance():
+  config = _tiny_config("runlocal,res=8,cond=label,objective=rectified_flow")
+  config.sample.update(sampler="euler", steps=4, guidance_scale=1.0)
+  batch = _batch()
+  method = base.build(config, batch)
+  assert method.flow
+  step = jax.jit(method.train_step)
+  state = state0 = jax.jit(method.init)(jax.random.key(0), batch)
+  for i in range(NUM_STEPS):
+    state, _ = step(state, batch, jax.random.fold_in(jax.random.key(1), i))
+  keys = jax.random.split(jax.random.key(123), 8)
+  loss = lambda s: np.mean([float(step(s, batch, k)[1]["loss"])
+                            for k in keys])
+  assert loss(state) < 0.8 * loss(state0)
+  for sampler in ("euler", "dpmpp_2m"):
+    draw = jax.jit(lambda s, r, sampler=sampler: method.solve(
+        lambda x, t: method.model.apply(
+            {"params": s.params}, x, method.net_time(t),
+            jnp.array([0, 1, 0, 1]), train=False), r, (4, 8, 8, 1), sampler))
+    out = np.asarray(draw(state, jax.random.key(0)))
+    assert out.shape == (4, 8, 8, 1) and np.isfinite(out).all()
+  out = jax.jit(method.sample, static_argnums=2)(state, jax.random.key(0), 4)
+  assert np.abs(np.asarray(out["image"])).max() <= 1.0
+  with pytest.raises(ValueError, match="must be one of .'euler', 'dpmpp_2m'."):
+    method.solve(None, jax.random.key(0), (1, 8, 8, 1), "ddim")
+
+
+def test_dpm_solver_on_the_trained_diffusion_model(trained):
+  method, state = trained["method"], trained["state"]
+  config = trained["config"].copy_and_resolve_references()
+  config.sample.update(sampler="dpmpp_2m", steps=5)
+  method = ddpm.make(config, trained["batch"])
+  out = jax.jit(method.sample, static_argnums=2)(state, jax.random.key(0), 4)
+  assert out["image"].shape == (4, 8, 8, 1)
+  assert np.isfinite(np.asarray(out["image"])).all()

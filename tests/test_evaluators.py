@@ -204,6 +204,25 @@ def test_eval_mode_writes_all_metrics_and_cards(runs, tiny_config,
     assert (4, f"eval/{name}") in keys
 
 
+def test_sampling_cost_table_per_sampler_and_nfe(runs, tiny_config, capsys):
+  workdir = runs["plain"]
+  config = _config(tiny_config)
+  config.sample.cost_steps = (2, 3)
+  out = commands.run("sampling_cost", config, workdir)
+  # The ancestral sampler needs all T steps, which are not asked for.
+  assert [(r["sampler"], r["nfe"]) for r in out["rows"]] == [
+      ("ddim", 2), ("ddim", 3), ("dpmpp_2m", 2), ("dpmpp_2m", 3)]
+  for r in out["rows"]:
+    for k in ("fid", "kid", "precision", "recall", "ms_per_image"):
+      assert np.isfinite(r[k]), (r, k)
+    assert r["seconds"] > 0
+  printed = capsys.readouterr().out
+  assert "| dpmpp_2m | 3 | " in printed
+  md = os.path.join(workdir, "eval", "sampling_cost_step_4.md")
+  with open(md) as f:
+    assert f.read().count("\n") == 2 + len(out["rows"])
+
+
 def test_launch_accepts_eval_mode():
   import launch  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel

@@ -24,6 +24,20 @@ def test_wasserstein_losses_by_hand():
     losses.adversarial("relativistic")
 
 
+def test_mode_seeking_by_hand_and_its_gradient_spreads_samples():
+  a = jnp.array([[0.0, 1.0], [2.0, 2.0]])
+  b = jnp.array([[1.0, 1.0], [2.0, 0.0]])
+  za = jnp.zeros((2, 3))
+  zb = jnp.full((2, 3), 2.0)
+  # mean|a - b| = 3/4, mean|za - zb| = 2: 1 / (0.375 + eps).
+  assert float(losses.mode_seeking(a, b, za, zb)) == pytest.approx(
+      1.0 / (0.375 + 1e-5), rel=1e-6)
+  # Identical samples from different latents: the largest value, and its
+  # gradient pushes them apart.
+  g = jax.grad(lambda x: losses.mode_seeking(x, a, za, zb))(a + 1e-3)
+  assert float(jnp.sum(g * 1e-3)) < 0
+
+
 def test_gradient_penalty_of_a_linear_critic():
   """critic(x) = <a, x>: its gradient is a everywhere, so the penalty is
   (|a| - 1)^2 wherever it is evaluated."""
@@ -100,7 +114,7 @@ def test_acgan_step_two_networks_one_step_and_signals(acgan_run):
   assert set(state.model_state["spectral"])  # power-iteration vectors kept
   for m in metrics:
     for k in ("d_loss", "g_loss", "d_real_acc", "d_fake_acc", "d_grad_norm",
-              "g_grad_norm", "penalty", "d_class_loss"):
+              "g_grad_norm", "penalty", "d_class_loss", "mode_seeking"):
       assert np.isfinite(m[k]), k
     assert 0.0 <= m["d_real_acc"] <= 1.0 and 0.0 <= m["d_fake_acc"] <= 1.0
   # The EMA follows the generator, a step behind.

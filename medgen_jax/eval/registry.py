@@ -306,9 +306,11 @@ def _generative(config, name, fields, workdir, real: RealData) -> EvalFn:
   batch_size = fields.batch_size or config.sample.batch_size
 
   def run(method, state) -> Result:
+    t0 = time.perf_counter()
     fake = sample_set(method, state, config, fields.num_samples, batch_size,
                       jax.random.key(fields.seed), labels,
                       real.model_inputs(d.eval_split)["image"])
+    seconds = time.perf_counter() - t0
     raw = generative.set_metrics(enc, real.generator_train, real.heldout,
                                  fake, fields, seed=fields.seed,
                                  audit=fields.audit)
@@ -319,6 +321,8 @@ def _generative(config, name, fields, workdir, real: RealData) -> EvalFn:
           "at the sample grid", raw["ms_ssim"], raw["ms_ssim_real"],
           raw["mode_collapse"], generative.COLLAPSE_WARNING)
     metrics, details = split_scalars(raw, _DETAIL_KEYS)
+    # Wall time of drawing the set (compilation included on a first call).
+    metrics["sampling_seconds"] = seconds
     return Result(metrics, details, card)
 
   return run

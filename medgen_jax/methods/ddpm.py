@@ -1,4 +1,12 @@
-"""Denoising diffusion (DDPM, Ho et al. 2020) with DDPM/DDIM sampling.
+"""Denoising diffusion (DDPM, Ho et al. 2020) and rectified flow, with
+DDPM, DDIM, DPM-Solver++(2M) and Euler sampling.
+
+``method.objective``: ``"diffusion"`` (the discrete variance-preserving
+process of ``method.schedule``/``timesteps``, the network predicting
+``method.prediction``, eps or v) or ``"rectified_flow"`` (the straight path
+between image and noise, the network predicting its velocity; see
+:mod:`medgen_jax.diffusion.flow`). Samplers: ``ddpm`` and ``ddim`` for
+diffusion, ``euler`` for the flow, ``dpmpp_2m`` for both.
 
 Optional label conditioning with classifier-free guidance (Ho & Salimans,
 2022): labels are dropped to a null class with probability
@@ -13,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from medgen_jax import checks
+from medgen_jax.diffusion import flow
 from medgen_jax.diffusion import samplers
 from medgen_jax.diffusion import schedules
 from medgen_jax.methods.base import Batch, Metrics
@@ -57,6 +66,8 @@ class DDPM:
         spatial_dims=len(self.image_shape) - 1,
         num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
         conv_lowering=m.conv_lowering)
+    self.objective = config.method.objective
+    self.flow = self.objective == "rectified_flow"
     self.prediction = config.method.prediction
     self.schedule = schedules.make_schedule(config.method.schedule,
                                             config.method.timesteps)
@@ -88,8 +99,11 @@ class DDPM:
     x0 = batch["image"]
     t_key, noise_key, label_key, dropout_key = jax.random.split(rng, 4)
     draws = {
-        "t": jax.random.randint(t_key, x0.shape[:1], 0,
-                                self.schedule.num_timesteps),
+        # The flow's time is continuous in [0, 1].
+        "t": (jax.random.uniform(t_key, x0.shape[:1], jnp.float32)
+              if self.flow else
+              jax.random.randint(t_key, x0.shape[:1], 0,
+                                 self.schedule.num_timesteps)),
         "noise": jax.random.normal(noise_key, x0.shape, jnp.float32),
         # One key per example, so every microbatch has its own.
         "dropout": jax.random.split(dropout_key, x0.shape[0]),
@@ -100,16 +114,27 @@ class DDPM:
                                         self.num_classes)
     return draws
 
+  def net_time(self, t: jax.Array) -> jax.Array:
+    """What the network sees of the time ``t``: the integer timestep of the
+    diffusion, the flow's ``t`` in ``[0, 1]`` scaled to ``[0, 1000]``."""
+    return t * flow.TIME_SCALE if self.flow else t
+
   def loss_given(self, params, batch: Batch, draws: Batch,
                  train: bool = True) -> jax.Array:
-    """Mean squared error of the ``eps|v`` prediction for given draws."""
+    """Mean squared error of the ``eps|v`` prediction (or the flow's
+    velocity) for given draws."""
     x0 = batch["image"].astype(jnp.float32)
     t, noise = draws["t"], draws["noise"]
-    x_t = schedules.q_sample(self.schedule, x0, t, noise)
-    target = schedules.training_target(self.schedule, x0, t, noise,
-                                       self.prediction)
-    out = self.model.apply({"params": params}, x_t, t, draws.get("y"),
-                           train=train, rngs={"dropout": draws["dropout"][0]})
+    if self.flow:
+      x_t = flow.interpolate(x0, noise, t)
+      target = flow.velocity_target(x0, noise)
+    else:
+      x_t = schedules.q_sample(self.schedule, x0, t, noise)
+      target = schedules.training_target(self.schedule, x0, t, noise,
+                                         self.prediction)
+    out = self.model.apply({"params": params}, x_t, self.net_time(t),
+                           draws.get("y"), train=train,
+                           rngs={"dropout": draws["dropout"][0]})
     return jnp.mean(jnp.square(out - target))
 
   def loss_fn(self, params, batch: Batch, rng: jax.Array,
@@ -185,8 +210,8 @@ class DDPM:
                            jax.device_count(), jax.default_backend(),
                            key="sample.microbatches")
     model_fn = microbatch.chunked(
-        lambda x, t, y=None: self.model.apply({"params": params}, x, t, y,
-                                              train=False), n)
+        lambda x, t, y=None: self.model.apply(
+            {"params": params}, x, self.net_time(t), y, train=False), n)
 
     if isinstance(cond, Mapping) and set(cond) - {"label"}:
       raise ValueError(f"DDPM is conditioned on labels only; got "
@@ -207,21 +232,52 @@ class DDPM:
     else:
       denoise_fn = model_fn
 
-    shape = (num,) + self.image_shape
-    clip_x0 = s.get("clip_x0", True)
-    if s.sampler == "ddpm":
-      x = samplers.ddpm_sample(denoise_fn, self.schedule, rng, shape,
-                               self.prediction, clip_x0)
-    elif s.sampler == "ddim":
-      x = samplers.ddim_sample(denoise_fn, self.schedule, rng, shape,
-                               num_steps=s.steps, eta=s.eta,
-                               prediction=self.prediction, clip_x0=clip_x0)
-    else:
-      raise ValueError(f"sample.sampler must be ddpm|ddim, got {s.sampler!r}")
+    x = self.solve(denoise_fn, rng, (num,) + self.image_shape)
     out = {"image": jnp.clip(x, -1.0, 1.0)}
     if labels is not None:
       out["label"] = labels
     return out
+
+
+  def samplers(self) -> Tuple[Tuple[str, int], ...]:
+    """``(sampler, fixed NFE or 0 for any)`` of this objective."""
+    return tuple((name, self.schedule.num_timesteps if name == "ddpm" else 0)
+                 for name in SAMPLERS[self.objective])
+
+  def solve(self, denoise_fn, rng: jax.Array, shape: Tuple[int, ...],
+            sampler: Optional[str] = None,
+            steps: Optional[int] = None) -> jax.Array:
+    """Runs ``sample.sampler`` (or ``sampler``) with ``sample.steps`` (or
+    ``steps``) network evaluations on ``denoise_fn(x, t)``, the network's
+    (guided) output; ``[*shape]`` float32."""
+    s = self.config.sample
+    sampler = sampler or s.sampler
+    steps = int(steps or s.steps)
+    clip_x0 = s.get("clip_x0", True)
+    if sampler not in SAMPLERS[self.objective]:
+      raise ValueError(f"sample.sampler={sampler!r} must be one of "
+                       f"{SAMPLERS[self.objective]} for method.objective="
+                       f"{self.objective!r}")
+    if self.flow:
+      if sampler == "euler":
+        return flow.euler_sample(denoise_fn, rng, shape, steps, clip_x0)
+      return flow.dpm_solver_pp_sample(denoise_fn, rng, shape, steps,
+                                       clip_x0)
+    if sampler == "ddpm":
+      return samplers.ddpm_sample(denoise_fn, self.schedule, rng, shape,
+                                  self.prediction, clip_x0)
+    if sampler == "ddim":
+      return samplers.ddim_sample(denoise_fn, self.schedule, rng, shape,
+                                  num_steps=steps, eta=s.eta,
+                                  prediction=self.prediction, clip_x0=clip_x0)
+    return samplers.dpm_solver_pp_sample(denoise_fn, self.schedule, rng,
+                                         shape, steps, self.prediction,
+                                         clip_x0)
+
+
+# The samplers of each objective; ``dpmpp_2m`` solves both ODEs.
+SAMPLERS = {"diffusion": ("ddpm", "ddim", "dpmpp_2m"),
+            "rectified_flow": ("euler", "dpmpp_2m")}
 
 
 def guidance_scales(sample_config: ml_collections.ConfigDict,
@@ -237,10 +293,11 @@ def guidance_scales(sample_config: ml_collections.ConfigDict,
   return (float(sample_config.guidance_scale),) * max(num_classes, 1)
 
 
-METHOD_KEYS = ("name", "schedule", "timesteps", "prediction", "p_uncond")
+METHOD_KEYS = ("name", "objective", "schedule", "timesteps", "prediction",
+               "p_uncond")
 SAMPLE_KEYS = ("sampler", "steps", "eta", "guidance_scale",
                "guidance_per_class", "num", "batch_size")
-OPTIONAL_SAMPLE_KEYS = ("microbatches", "clip_x0")
+OPTIONAL_SAMPLE_KEYS = ("microbatches", "clip_x0", "cost_steps")
 
 
 def config_errors(config: ml_collections.ConfigDict) -> List[str]:
@@ -249,6 +306,7 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
   d, me, s = config.data, config.method, config.sample
   errors += unet_lib.config_errors(config.model, d.res)
   if checks.section_keys(errors, "method", me, METHOD_KEYS, "ddpm"):
+    checks.one_of(errors, "method.objective", me.objective, tuple(SAMPLERS))
     checks.one_of(errors, "method.schedule", me.schedule,
                   ("linear", "cosine"))
     checks.one_of(errors, "method.prediction", me.prediction, ("eps", "v"))
@@ -257,13 +315,21 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
   given = {k: v for k, v in s.items() if k not in OPTIONAL_SAMPLE_KEYS}
   if not checks.section_keys(errors, "sample", given, SAMPLE_KEYS, "ddpm"):
     return errors
-  checks.one_of(errors, "sample.sampler", s.sampler, ("ddpm", "ddim"))
+  objective = me.get("objective")
+  if objective in SAMPLERS:
+    checks.one_of(errors, "sample.sampler", s.sampler, SAMPLERS[objective])
+  checks.positive(errors, "sample.steps", s.steps)
+  for n in tuple(s.get("cost_steps", ()) or ()):
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+      errors.append(f"sample.cost_steps entry {n!r} must be a positive "
+                    "integer (network evaluations)")
   per_class = tuple(s.get("guidance_per_class", ()) or ())
   if per_class and (d.cond != "label" or len(per_class) != d.num_classes):
     errors.append(f"sample.guidance_per_class={per_class} needs "
                   f"data.cond='label' and one scale per class "
                   f"(data.num_classes={d.num_classes})")
-  if (s.sampler == "ddim" and isinstance(me.get("timesteps"), int) and
+  if (objective == "diffusion" and s.sampler in ("ddim", "dpmpp_2m") and
+      isinstance(me.get("timesteps"), int) and
       not 0 < s.steps <= me.timesteps):
     errors.append(f"sample.steps={s.steps} must be in [1, "
                   f"method.timesteps={me.timesteps}]")
