@@ -25,8 +25,10 @@ def _summary_table(rows) -> str:
 def resolve_auto_inputs(config: ml_collections.ConfigDict, workdir: str
                         ) -> ml_collections.ConfigDict:
   """``config`` with the inputs its method names ``"auto"`` produced first
-  (a method module's ``resolve_auto(config, workdir, train_encoder)``): the
-  method says what it needs, this layer trains it."""
+  (a method module's ``resolve_auto(config, workdir, train_encoder,
+  train_run)``: an in-domain encoder, or a whole training run such as a
+  latent diffusion's stage 1): the method says what it needs, this layer
+  trains it."""
   from medgen_jax.methods import base as methods  # pylint: disable=import-outside-toplevel
   module = methods.module(config.method.name)
   if not hasattr(module, "resolve_auto"):
@@ -47,7 +49,28 @@ def resolve_auto_inputs(config: ml_collections.ConfigDict, workdir: str
                                    normalization=d.normalization))
     return directory
 
-  return module.resolve_auto(config, workdir, train_encoder)
+  def train_run(run_config: ml_collections.ConfigDict, directory: str) -> str:
+    """Trains ``run_config`` into ``directory`` (resuming a cut run; a
+    finished one is reused as it is)."""
+    from medgen_jax import config_check  # pylint: disable=import-outside-toplevel
+    from medgen_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+    mngr = checkpoint.manager(directory, async_save=False)
+    done = mngr.latest_step()
+    mngr.close()
+    if done is not None and done >= run_config.train.num_steps:
+      logging.info("reusing the finished run in %s (step %d)", directory,
+                   done)
+      return directory
+    config_check.validate(run_config, num_devices=jax.device_count())
+    run_config = resolve_auto_inputs(run_config, directory)
+    logging.info("training %s into %s first", run_config.method.name,
+                 directory)
+    with workdir_lock.hold(directory, "--mode=train (a frozen input)",
+                           primary=jax.process_index() == 0):
+      trainer.train(run_config, directory)
+    return directory
+
+  return module.resolve_auto(config, workdir, train_encoder, train_run)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -157,8 +180,7 @@ def sampling_cost(config: ml_collections.ConfigDict, workdir: str
   evaluator = eval_registry.build(config, name, entries[name], workdir, real)
   batch_size = evaluator.fields.batch_size or config.sample.batch_size
   nfes = tuple(config.sample.get("cost_steps", ()) or COST_STEPS)
-  example = {"image": np.zeros((1,) + tuple(exp.method.image_shape),
-                               np.float32)}
+  example = trainer.example_batch(exp.data, exp.mesh)
   rows = []
   for sampler, fixed in samplers():
     for nfe in ([fixed] if fixed else nfes):

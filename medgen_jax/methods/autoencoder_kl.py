@@ -292,11 +292,12 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
 
 
 def resolve_auto(config: ml_collections.ConfigDict, workdir: str,
-                 train_encoder: Callable[..., str]
-                 ) -> ml_collections.ConfigDict:
+                 train_encoder: Callable[..., str],
+                 train_run: Callable[..., str]) -> ml_collections.ConfigDict:
   """``config`` with ``method.perceptual_net="auto"`` replaced by
   ``<workdir>/perceptual_net``, trained there first (or reused) by
   ``train_encoder(section, directory)`` with the ``perceptual`` section."""
+  del train_run
   me = config.method
   if not (me.perceptual_weight > 0 and me.perceptual_net == "auto"):
     return config

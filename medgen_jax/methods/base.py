@@ -72,6 +72,7 @@ REGISTRY: Mapping[str, str] = types.MappingProxyType({
     "cyclegan": "medgen_jax.methods.cyclegan",
     "spade_gan": "medgen_jax.methods.spade_gan",
     "vaegan": "medgen_jax.methods.vaegan",
+    "ldm": "medgen_jax.methods.ldm",
 })
 
 

@@ -233,11 +233,17 @@ class DDPM:
       denoise_fn = model_fn
 
     x = self.solve(denoise_fn, rng, (num,) + self.image_shape)
-    out = {"image": jnp.clip(x, -1.0, 1.0)}
+    out = {"image": self.finish(state, x)}
     if labels is not None:
       out["label"] = labels
     return out
 
+
+  def finish(self, state: TrainState, x: jax.Array) -> jax.Array:
+    """The sampler's output as images: clipped to the data range (a latent
+    model decodes here)."""
+    del state
+    return jnp.clip(x, -1.0, 1.0)
 
   def samplers(self) -> Tuple[Tuple[str, int], ...]:
     """``(sampler, fixed NFE or 0 for any)`` of this objective."""
@@ -302,10 +308,18 @@ OPTIONAL_SAMPLE_KEYS = ("microbatches", "clip_x0", "cost_steps")
 
 def config_errors(config: ml_collections.ConfigDict) -> List[str]:
   """Problems of the ``method``, ``model`` and ``sample`` sections."""
+  return diffusion_errors(config, config.data.res, METHOD_KEYS, "ddpm")
+
+
+def diffusion_errors(config: ml_collections.ConfigDict, res: Any,
+                     method_keys: Tuple[str, ...], who: str) -> List[str]:
+  """:func:`config_errors` of a diffusion model on ``res``-sided inputs
+  (images, or a latent diffusion's latents) whose method section has
+  ``method_keys``."""
   errors: List[str] = []
   d, me, s = config.data, config.method, config.sample
-  errors += unet_lib.config_errors(config.model, d.res)
-  if checks.section_keys(errors, "method", me, METHOD_KEYS, "ddpm"):
+  errors += unet_lib.config_errors(config.model, res)
+  if checks.section_keys(errors, "method", me, method_keys, who):
     checks.one_of(errors, "method.objective", me.objective, tuple(SAMPLERS))
     checks.one_of(errors, "method.schedule", me.schedule,
                   ("linear", "cosine"))
@@ -313,7 +327,7 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
     checks.positive(errors, "method.timesteps", me.timesteps)
     checks.in_range(errors, "method.p_uncond", me.p_uncond, 0.0, 1.0)
   given = {k: v for k, v in s.items() if k not in OPTIONAL_SAMPLE_KEYS}
-  if not checks.section_keys(errors, "sample", given, SAMPLE_KEYS, "ddpm"):
+  if not checks.section_keys(errors, "sample", given, SAMPLE_KEYS, who):
     return errors
   objective = me.get("objective")
   if objective in SAMPLERS:

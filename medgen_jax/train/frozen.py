@@ -70,7 +70,8 @@ def _same_keys(a: Any, b: Any) -> bool:
   return not isinstance(a, dict) and not isinstance(b, dict)
 
 
-def load_run(workdir: str, step: Optional[int] = None, which: str = "ema"
+def load_run(workdir: str, step: Optional[int] = None, which: str = "ema",
+             with_model_state: bool = False
              ) -> Tuple[PyTree, Dict[str, Any], Dict[str, Any]]:
   """Parameters, config and record of a finished run in ``workdir``.
 
@@ -78,6 +79,8 @@ def load_run(workdir: str, step: Optional[int] = None, which: str = "ema"
     workdir: a trainer workdir (``config.json``, ``checkpoints/``).
     step: the checkpoint (default: the latest).
     which: ``ema`` (what the run samples with) or ``raw``.
+    with_model_state: return ``{"params", "model_state"}`` instead of the
+      parameters alone.
 
   Returns:
     ``(params as numpy arrays, the run's config dict, record)``.
@@ -110,6 +113,10 @@ def load_run(workdir: str, step: Optional[int] = None, which: str = "ema"
   record = dict(workdir=workdir, step=int(step),
                 method=config.get("method", {}).get("name", ""),
                 params=which, config_sha256=config_digest(config))
+  if with_model_state:
+    # e.g. a VQ-VAE's codebook, which lives beside its parameters.
+    params = {"params": params,
+              "model_state": _to_numpy(saved.get("model_state") or {})}
   return params, config, record
 
 

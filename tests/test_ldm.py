@@ -1,0 +1,111 @@
+"""Latent diffusion on a frozen stage-1 autoencoder."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import ldm as ldm_config
+from medgen_jax import commands
+from medgen_jax import config_check
+from medgen_jax import sampling
+from medgen_jax.train import checkpoint
+from medgen_jax.train import frozen as frozen_lib
+from medgen_jax.train import trainer
+
+
+def _config(data_dir, arg="res=16,runlocal,mask,cond=label"):
+  c = ldm_config.get_config(arg)
+  for d in (c.data, c.stage1.data):
+    d.update(data_dir=data_dir, num_subjects=5)
+  c.stage1.train.update(num_steps=4, ckpt_every=4, sample_every=0)
+  c.stage1.evals = {}
+  c.train.update(num_steps=4, ckpt_every=2, sample_every=0, log_every=1)
+  c.evals = {}
+  c.sample.update(steps=3, num=4, batch_size=4)
+  return c
+
+
+@pytest.fixture(scope="module")
+def ldm_run(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("ldm"))
+  c = _config(data_dir)
+  config_check.validate(c)
+  commands.run("train", c, workdir)
+  return c, workdir
+
+
+def test_auto_trains_stage1_then_the_ldm_and_records_it(ldm_run):
+  c, workdir = ldm_run
+  stage1 = os.path.join(workdir, "stage1")
+  assert checkpoint.manager(stage1, async_save=False).latest_step() == 4
+  with open(os.path.join(workdir, "frozen_inputs.json")) as f:
+    record = json.load(f)["stage1"]
+  assert record["workdir"] == stage1 and record["step"] == 4
+  assert record["method"] == "autoencoder_kl"
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  # The scale was taken from the data once and kept.
+  assert len({r["latent_scale"] for r in rows}) == 1
+  assert rows[0]["latent_scale"] > 0
+
+
+def test_stage1_stays_frozen_and_out_of_the_checkpoints(ldm_run):
+  c, workdir = ldm_run
+  resolved = commands.resolve_auto_inputs(c, workdir)
+  exp, step, state, meta = trainer.load_for_sampling(resolved, workdir)
+  assert step == 4 and meta["frozen"]["stage1"]["step"] == 4
+  stage1_params, _, _ = frozen_lib.load_run(
+      os.path.join(workdir, "stage1"), with_model_state=True)
+  got = jax.tree.leaves(jax.device_get(state.frozen["stage1"]))
+  want = jax.tree.leaves(stage1_params)
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  # The checkpoint holds the diffusion network only.
+  saved = os.listdir(os.path.join(workdir, "checkpoints", "4", "state"))
+  assert saved  # written
+  raw = checkpoint.manager(workdir, async_save=False)
+  assert "frozen" not in str(raw.item_metadata(4))
+
+
+def test_samples_decode_to_images_and_masks(ldm_run):
+  c, workdir = ldm_run
+  resolved = commands.resolve_auto_inputs(c, workdir)
+  exp, _, state, _ = trainer.load_for_sampling(resolved, workdir)
+  out = sampling.draw(exp.method, state, resolved.data, 4,
+                      jax.random.key(0), 4, {"label": np.array([0, 1, 0, 1])})
+  assert out["image"].shape == (4, 16, 16, 1)
+  assert out["lesion_mask"].shape == (4, 16, 16)
+  assert np.abs(out["image"]).max() <= 1.0 and np.isfinite(out["image"]).all()
+  np.testing.assert_array_equal(out["label"], [0, 1, 0, 1])
+
+
+def test_another_stage1_is_refused_on_resume(ldm_run, tmp_path):
+  c, workdir = ldm_run
+  other = tmp_path / "other_stage1"
+  stage1 = c.stage1.copy_and_resolve_references()
+  stage1.train.num_steps = 2
+  commands.run("train", stage1, str(other))
+  c2 = c.copy_and_resolve_references()
+  c2.method.autoencoder = str(other)
+  c2.train.num_steps = 6
+  with pytest.raises(frozen_lib.FrozenInputError, match="frozen inputs"):
+    commands.run("train", c2, workdir)
+
+
+def test_config_names_a_stage1_on_other_data(data_dir, tmp_path):
+  c = _config(data_dir)
+  c.stage1.data.contrasts = ("t1w",)
+  with pytest.raises(config_check.ConfigError,
+                     match=r"data.contrasts: \['t2w'\] here, \['t1w'\] in "
+                     "stage 1"):
+    config_check.validate(c)
+  c = _config(data_dir)
+  c.method.autoencoder = str(tmp_path / "missing")
+  with pytest.raises(config_check.ConfigError, match="no readable "
+                     "config.json"):
+    config_check.validate(c)
