@@ -14,6 +14,11 @@ Args (``key=value`` after the colon):
   steps: training steps.
   objective: "diffusion" (eps/v prediction on a discrete schedule) or
     "rectified_flow" (velocity on the straight path; Euler sampling).
+  mask: the lesion mask as an extra channel, generated jointly with the
+    image.
+  condition: "none", or "mask": images generated FROM given lesion masks
+    (implies mask; ``--mode=sample`` and the evaluators draw for real
+    masks of the data set).
   arch: "" (size by res) or "ref6m": the 6.1 M-parameter reference U-Net
     (ch 64, (1,2,2), 2 res blocks, GroupNorm 32, one attention block in the
     middle) used to compare speed with PyTorch.
@@ -36,7 +41,7 @@ from configs import common
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, res=32, contrast="t2w", dims=2, cond="",
                        steps=0, arch="", inception="", runlocal=False,
-                       objective="diffusion")
+                       objective="diffusion", mask=False, condition="none")
   contrasts = tuple(a.contrast.split("+"))
   for c in contrasts:
     if c not in common.CONTRASTS:
@@ -44,6 +49,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = common.base_config()
   c.data = common.data_config(res=a.res, contrasts=contrasts,
                               spatial_dims=a.dims, cond=a.cond)
+  if a.mask or a.condition == "mask":
+    c.data.mask_channels = ("lesion_mask",)
   c.model = ml_collections.ConfigDict(dict(
       ch=64 if a.res >= 64 else 32,
       ch_mult=(1, 2, 2, 2) if a.res >= 64 else (1, 2, 2),
@@ -68,6 +75,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict(dict(
       name="ddpm",
       objective=a.objective,    # diffusion | rectified_flow
+      # Channels given as input, not generated: none | mask (the lesion
+      # masks of data.mask_channels) | source (translation.source).
+      condition=a.condition,
+      # With condition="mask": the workdir of a trained unconditional-image
+      # run of this config (same model), adapted by a ControlNet whose
+      # hint is the mask; its weights stay frozen.
+      controlnet="",
       # The diffusion's discrete process (unused by rectified_flow):
       schedule="cosine",        # linear | cosine
       timesteps=1000,
@@ -96,6 +110,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if a.inception:
     c.evals.inception_fid = dict(type="inception_fid", every_steps=0,
                                  weights=a.inception, num_samples=256)
+  if a.condition == "mask":
+    # Do the lesions sit under the given masks? (a real-data segmenter's
+    # Dice on images drawn for held-out masks)
+    c.evals.mask_fidelity = dict(type="mask_fidelity", every_steps=0)
   c.optim.lr = 2e-4 if a.res >= 64 else 5e-4
   c.train.num_steps = 20_000 if a.res >= 64 else 1_500
   c.train.sample_every = 500
@@ -115,6 +133,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         encoder=dict(width=8, num_groups=4, steps=4, steps_per_call=2,
                      batch_size=8))
     c.evals.loss.num_batches = 2
+    if a.condition == "mask":
+      c.evals.mask_fidelity.update(
+          num_examples=16, segmenter=dict(ch=8, num_groups=4, steps=4,
+                                          steps_per_call=2, batch_size=8))
     if a.inception:
       c.evals.inception_fid.num_samples = 16
   if a.steps:

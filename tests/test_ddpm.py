@@ -282,3 +282,47 @@ def test_dpm_solver_on_the_trained_diffusion_model(trained):
   out = jax.jit(method.sample, static_argnums=2)(state, jax.random.key(0), 4)
   assert out["image"].shape == (4, 8, 8, 1)
   assert np.isfinite(np.asarray(out["image"])).all()
+
+
+def test_mask_conditioned_model_draws_for_the_given_masks():
+  config = _tiny_config("runlocal,res=8,condition=mask")
+  batch = _batch((8, 8, 8, 2))  # one contrast + the mask channel
+  batch["image"][..., 1] = np.where(batch["image"][..., 1] > 0, 1.0, -1.0)
+  method = base.build(config, batch)
+  assert isinstance(method, ddpm.MaskToImageDDPM)
+  assert method.image_shape == (8, 8, 1) and method.given_channels == [1]
+  from medgen_jax import sampling  # pylint: disable=import-outside-toplevel
+  assert sampling.needs(method, "mask")
+  state = jax.jit(method.init)(jax.random.key(0), batch)
+  # The network reads x_t and the mask, and predicts the contrast only.
+  assert state.params["Conv_0"]["kernel"].shape[-2] == 2
+  state, m = jax.jit(method.train_step)(state, batch, jax.random.key(1))
+  assert np.isfinite(float(m["loss"]))
+  masks = batch["image"][:4, ..., 1:]
+  out = jax.jit(method.sample, static_argnums=2)(state, jax.random.key(0), 4,
+                                                 {"mask": masks})
+  assert out["image"].shape == (4, 8, 8, 2)
+  np.testing.assert_array_equal(out["image"][..., 1:], masks)
+  with pytest.raises(ValueError, match="samples for cond=.'mask'"):
+    method.sample(state, jax.random.key(0), 4)
+
+
+def test_image_conditioned_model_translates_and_does_not_sample():
+  config = _tiny_config("runlocal,res=8,contrast=t1w+t2w")
+  config.data.cond = ""
+  config.method.condition = "source"
+  config.translation = dict(source=("t1w",), target=("t2w",))
+  from medgen_jax import config_check  # pylint: disable=import-outside-toplevel
+  config_check.validate(config)
+  batch = _batch((8, 8, 8, 2))
+  method = base.build(config, batch)
+  assert isinstance(method, ddpm.TranslatorDDPM)
+  assert base.has(method, "translate") and not base.has(method, "sample")
+  state = jax.eval_shape(method.init, jax.random.key(0), batch)
+  out = jax.eval_shape(method.translate, state,
+                       {"source": batch["image"][:3, ..., :1]},
+                       jax.random.key(0))
+  assert out["image"].shape == (3, 8, 8, 1)
+  config.translation.target = ("flair",)
+  with pytest.raises(config_check.ConfigError, match="'flair' is not in"):
+    config_check.validate(config)

@@ -252,3 +252,23 @@ def test_fid_in_the_joint_span_equals_fid():
   np.testing.assert_allclose(features.fid_from_features(r, f),
                              features.fid_from_features(real, fake),
                              rtol=1e-6)
+
+
+def test_mask_fidelity_scores_images_drawn_for_heldout_masks(data_dir,
+                                                             tmp_path):
+  from configs import ddpm as ddpm_config  # pylint: disable=import-outside-toplevel
+  c = ddpm_config.get_config("res=16,runlocal,condition=mask")
+  c.data.update(data_dir=data_dir, num_subjects=5)
+  c.train.update(num_steps=2, ckpt_every=2, sample_every=0)
+  c.evals = {"mask_fidelity": c.evals.mask_fidelity}
+  trainer.train(c, str(tmp_path))
+  out = commands.run("eval", c, str(tmp_path))
+  m = out["results"]["mask_fidelity"].metrics
+  assert 0.0 <= m["dice"] <= 1.0 and 0.0 <= m["dice_real"] <= 1.0
+  card = out["results"]["mask_fidelity"].card
+  assert card["split"] == c.data.eval_split and card["num_examples"] == 16
+  # A generator that draws its own masks cannot be scored this way.
+  plain = ddpm_config.get_config("res=16,runlocal")
+  plain.evals = {"mask_fidelity": {"type": "mask_fidelity"}}
+  assert any("needs data.mask_channels" in e
+             for e in registry.config_errors(plain))

@@ -109,3 +109,37 @@ def test_config_names_a_stage1_on_other_data(data_dir, tmp_path):
   with pytest.raises(config_check.ConfigError, match="no readable "
                      "config.json"):
     config_check.validate(c)
+
+
+def test_controlnet_trains_the_adapter_and_leaves_the_base_frozen(tiny_config,
+                                                                  tmp_path):
+  base_dir = str(tmp_path / "base")
+  base = tiny_config.copy_and_resolve_references()
+  base.train.update(num_steps=2, ckpt_every=2, sample_every=0)
+  trainer.train(base, base_dir)
+  c = base.copy_and_resolve_references()
+  c.data.mask_channels = ("lesion_mask",)
+  c.method.update(condition="mask", controlnet=base_dir)
+  c.evals = {}
+  config_check.validate(c)
+  exp = trainer.build_experiment(c)
+  state = trainer.init_state(exp)
+  assert "zero_0" in state.params and "hint_out" in state.params
+  assert "Upsample_0" not in state.params  # the decoder is the base's only
+  before = jax.device_get(state.frozen)
+  batch = trainer.example_batch(exp.data, exp.mesh)
+  step = jax.jit(exp.method.train_step)
+  new, m = step(state, batch, jax.random.key(0))
+  new, m = step(new, batch, jax.random.key(1))
+  assert np.isfinite(float(m["loss"]))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(
+      jax.device_get(new.frozen))):
+    np.testing.assert_array_equal(a, b)
+  moved = [float(np.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(jax.device_get(state.params["zero_0"])),
+      jax.tree.leaves(jax.device_get(new.params["zero_0"])))]
+  assert max(moved) > 0  # the zero convolutions learn
+  # A base trained on another model is refused by name.
+  c.model.ch = 32
+  with pytest.raises(config_check.ConfigError, match="model.ch is 32 here"):
+    config_check.validate(c)

@@ -8,6 +8,7 @@ import pytest
 
 from medgen_jax.diffusion import samplers
 from medgen_jax.nn import layers
+from medgen_jax.nn import unet
 from medgen_jax.nn.unet import UNet
 
 TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, num_heads=2,
@@ -155,3 +156,40 @@ def test_unet_rejects_bad_shapes():
   with pytest.raises(ValueError, match="spatial_dims"):
     jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8, 8, 8, 1)),
                    jnp.zeros((1,)))
+
+
+def test_zero_initialised_controlnet_leaves_the_base_output_unchanged():
+  kw = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+            num_heads=2, num_groups=4, num_classes=2)
+  net = unet.UNet(out_channels=1, **kw)
+  control = unet.ControlNet(**kw)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  hint = jnp.where(jax.random.uniform(jax.random.key(1), (2, 8, 8, 1)) > 0.8,
+                   1.0, -1.0)
+  t, y = jnp.array([3, 500]), jnp.array([0, 1])
+  base = net.init(jax.random.key(2), x, t, y)["params"]
+  # A "trained" base: the fresh U-Net's output convolution is zero.
+  leaves, tree = jax.tree.flatten(base)
+  keys = jax.random.split(jax.random.key(4), len(leaves))
+  base = jax.tree.unflatten(tree, [
+      v + 0.1 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+  own = control.init(jax.random.key(3), x, hint, t, y)["params"]
+  params = unet.controlnet_init(base, own)
+  # The copy starts from the base encoder; hint and zero convs are its own.
+  np.testing.assert_array_equal(params["ResBlock_0"]["Conv_0"]["kernel"],
+                                base["ResBlock_0"]["Conv_0"]["kernel"])
+  np.testing.assert_array_equal(params["hint_0"]["kernel"],
+                                own["hint_0"]["kernel"])
+  residuals = control.apply({"params": params}, x, hint, t, y)
+  assert len(residuals) == 5 and all(float(jnp.abs(r).max()) == 0.0
+                                     for r in residuals)
+  np.testing.assert_array_equal(
+      net.apply({"params": base}, x, t, y, control=residuals),
+      net.apply({"params": base}, x, t, y))
+  # Once the zero convolutions move, the hint changes the output.
+  moved = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.1 if "zero_" in jax.tree_util.keystr(p) else v,
+      params)
+  out = net.apply({"params": base}, x, t, y,
+                  control=control.apply({"params": moved}, x, hint, t, y))
+  assert not np.allclose(out, net.apply({"params": base}, x, t, y))

@@ -714,6 +714,100 @@ def _translation_errors(config, prefix: str, f) -> List[str]:
 # ------------------------------------------------------------- registry ----
 
 
+# ------------------------------------------------------- mask fidelity ----
+
+MASK_FIDELITY_DEFAULTS = dict(
+    num_examples=64, batch_size=0, seed=0,
+    # "": data.eval_split.
+    split="",
+    # The real-data lesion segmenter that judges where the lesions are.
+    segmenter=dict(ch=16, ch_mult=(1, 2), num_groups=8, steps=200,
+                   steps_per_call=25, batch_size=32, seed=0,
+                   conv_lowering="auto",
+                   optim=dict(name="adamw", lr=2e-3, schedule="cosine",
+                              warmup_steps=0, final_lr_frac=0.05,
+                              weight_decay=1e-4, b1=0.9, b2=0.999,
+                              grad_clip=1.0)))
+
+
+def _mask_fidelity(config, name, fields, workdir, real: RealData) -> EvalFn:
+  """Whether a mask-conditioned generator puts its lesions under the
+  masks it was given: images are drawn for the real masks of held-out
+  examples and a lesion segmenter trained on the real training images
+  segments them; ``dice`` is its pooled Dice against the given masks,
+  ``dice_real`` the same segmenter on the real held-out images (the
+  ceiling)."""
+  del workdir
+  from medgen_jax.eval import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.train import supervised  # pylint: disable=import-outside-toplevel
+  d = config.data
+  key = d.mask_channels[0]
+  split = fields.split or d.eval_split
+  heldout = real.model_inputs(split)
+  rows = _heldout_rows(len(heldout["image"]), fields)
+  given = {k: v[rows] for k, v in heldout.items()}
+  sc = fields.segmenter
+  seg_cfg = ml_collections.ConfigDict(dict(
+      kind="segmentation", inputs=tuple(d.contrasts), target=key,
+      num_classes=2, model=dict(ch=sc.ch, ch_mult=tuple(sc.ch_mult),
+                                num_groups=sc.num_groups),
+      conv_lowering=sc.conv_lowering, steps=sc.steps,
+      steps_per_call=sc.steps_per_call, batch_size=sc.batch_size,
+      optim=sc.optim.to_dict()))
+  task = tasks_lib.make_task("mask_fidelity_segmenter", seg_cfg,
+                             list(d.contrasts), d.spatial_dims)
+  fitter = supervised.make_fitter(task, seg_cfg)
+  train = real.generator_train
+  states, _ = supervised.fit(
+      fitter, supervised.seed_keys(sc.seed, 1),
+      [{"image": train["image"], key: train[key]}],
+      {"image": train["image"][:1]}, desc="lesion segmenter",
+      lr_key=f"evals.{name}.segmenter.optim.lr")
+  params = states[0].params
+  real_scores = task.score(supervised.predict_all(
+      fitter, params, task.x(given)), given)
+  batch_size = fields.batch_size or config.sample.batch_size
+  card = dict(split=split, num_examples=int(len(rows)), seed=fields.seed,
+              segmenter=dict(arch="U-Net", trained_on=d.train_split,
+                             **{k: sc[k] for k in ("ch", "ch_mult", "steps")}),
+              dice="pooled over all examples' voxels",
+              masks="the real mask channels of the held-out examples")
+
+  def run(method, state) -> Result:
+    if not sampling.needs(method, "mask"):
+      raise methods.CapabilityError(
+          f"the mask_fidelity evaluator needs a mask-conditioned generator; "
+          f"{type(method).__name__} draws its own masks")
+    masks = given["image"][..., len(d.contrasts):]
+    cond = {"mask": masks}
+    if sampling.conditional(d):
+      cond["label"] = given["label"]
+    fake = sampling.draw(method, state, d, len(rows),
+                         jax.random.key(fields.seed), batch_size, cond)
+    pred = supervised.predict_all(fitter, params, task.x(fake))
+    scores = task.score(pred, {key: given[key]})
+    return Result(dict(dice=scores["dice"], dice_real=real_scores["dice"],
+                       dice_per_image=scores["dice_per_image"]),
+                  dict(real_scores=real_scores), card)
+
+  return run
+
+
+def _mask_fidelity_errors(config, prefix: str, f) -> List[str]:
+  errors: List[str] = []
+  if not config.data.get("mask_channels"):
+    errors.append(f"{prefix}: needs data.mask_channels (the masks a "
+                  "mask-conditioned generator draws for)")
+  for k in ("num_examples", "batch_size", "seed"):
+    _min_int(errors, f"{prefix}.{k}", f[k], 0)
+  sc = f.segmenter
+  if isinstance(sc.steps, int) and isinstance(sc.steps_per_call, int) and (
+      sc.steps_per_call < 1 or sc.steps % sc.steps_per_call):
+    errors.append(f"{prefix}.segmenter.steps={sc.steps} must be a multiple "
+                  f"of steps_per_call={sc.steps_per_call}")
+  return errors
+
+
 TYPES: Mapping[str, EvaluatorType] = types.MappingProxyType({
     "generative": EvaluatorType(
         _generative, GENERATIVE_DEFAULTS, _generative_errors,
@@ -733,6 +827,10 @@ TYPES: Mapping[str, EvaluatorType] = types.MappingProxyType({
         _reconstruction, RECONSTRUCTION_DEFAULTS, _reconstruction_errors,
         "PSNR/SSIM/MAE (and mask Dice) of an autoencoder's reconstructions "
         "of held-out images"),
+    "mask_fidelity": EvaluatorType(
+        _mask_fidelity, MASK_FIDELITY_DEFAULTS, _mask_fidelity_errors,
+        "Dice of a real-data lesion segmenter on images a mask-conditioned "
+        "generator drew for held-out masks"),
 })
 DEFAULT_EVALS = {"generative": {"type": "generative"}}
 

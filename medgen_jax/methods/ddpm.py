@@ -14,6 +14,8 @@ Optional label conditioning with classifier-free guidance (Ho & Salimans,
 unconditional predictions with ``config.sample.guidance_scale``.
 """
 
+import json
+import os
 from typing import Any, List, Mapping, Optional, Tuple, Union
 
 import jax
@@ -24,9 +26,11 @@ from medgen_jax import checks
 from medgen_jax.diffusion import flow
 from medgen_jax.diffusion import samplers
 from medgen_jax.diffusion import schedules
+from medgen_jax.methods import pix2pix
 from medgen_jax.methods.base import Batch, Metrics
 from medgen_jax.nn import unet as unet_lib
-from medgen_jax.nn.unet import UNet
+from medgen_jax.nn.unet import ControlNet, UNet
+from medgen_jax.train import frozen as frozen_lib
 from medgen_jax.train import microbatch
 from medgen_jax.train import optim
 from medgen_jax.train.optim import make_optimizer
@@ -54,7 +58,17 @@ class DDPM:
   def __init__(self, config: ml_collections.ConfigDict,
                image_shape: Tuple[int, ...]):
     self.config = config
-    self.image_shape = tuple(image_shape)
+    self.condition = config.method.get("condition", "none")
+    channels = list(range(image_shape[-1]))
+    if self.condition == "mask":
+      n = len(config.data.contrasts)
+      self.gen_channels, self.given_channels = channels[:n], channels[n:]
+    elif self.condition == "source":
+      self.given_channels, self.gen_channels = pix2pix.channels(config)
+    else:
+      self.gen_channels, self.given_channels = channels, []
+    # What the diffusion generates; the given channels are inputs only.
+    self.image_shape = tuple(image_shape[:-1]) + (len(self.gen_channels),)
     self.num_classes = (int(config.data.num_classes)
                         if config.data.cond == "label" else 0)
     m = config.model
@@ -66,6 +80,20 @@ class DDPM:
         spatial_dims=len(self.image_shape) - 1,
         num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
         conv_lowering=m.conv_lowering)
+    # A ControlNet adapter on a frozen, trained base model: the adapter's
+    # parameters train, the base's (state.frozen["base"]) do not.
+    self.control, self._frozen = None, None
+    if config.method.get("controlnet"):
+      self.control = ControlNet(
+          ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+          attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
+          dropout=m.dropout, num_groups=m.num_groups,
+          spatial_dims=len(self.image_shape) - 1,
+          num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
+          conv_lowering=m.conv_lowering)
+      params, _, record = frozen_lib.load_run(config.method.controlnet)
+      self._frozen = frozen_lib.FrozenInputs({"base": params},
+                                             {"base": record})
     self.objective = config.method.objective
     self.flow = self.objective == "rectified_flow"
     self.prediction = config.method.prediction
@@ -83,9 +111,19 @@ class DDPM:
   def init(self, rng: jax.Array, batch: Batch) -> TrainState:
     """Initial state; ``batch`` only provides shapes."""
     x = jnp.zeros((1,) + self.image_shape, jnp.float32)
+    given = jnp.zeros((1,) + self.image_shape[:-1] + (
+        len(self.given_channels),), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if self.conditional else None
-    params = self.model.init({"params": rng}, x, t, y, train=False)["params"]
+    if self.control is not None:
+      params = unet_lib.controlnet_init(
+          self._frozen.tree["base"],
+          self.control.init({"params": rng}, x, given, t, y)["params"])
+    else:
+      if self.given_channels:
+        x = jnp.concatenate([x, given], axis=-1)
+      params = self.model.init({"params": rng}, x, t, y,
+                               train=False)["params"]
     return create_state(params, self.tx, use_ema=self.config.train.ema > 0)
 
   def draw(self, rng: jax.Array, batch: Batch) -> Batch:
@@ -96,7 +134,7 @@ class DDPM:
     Drawn once per batch, so a step split into microbatches sees the same
     noise as an unsplit one.
     """
-    x0 = batch["image"]
+    x0 = batch["image"][..., self.gen_channels]
     t_key, noise_key, label_key, dropout_key = jax.random.split(rng, 4)
     draws = {
         # The flow's time is continuous in [0, 1].
@@ -119,11 +157,33 @@ class DDPM:
     diffusion, the flow's ``t`` in ``[0, 1]`` scaled to ``[0, 1000]``."""
     return t * flow.TIME_SCALE if self.flow else t
 
+  def network(self, params, frozen, x: jax.Array, given: Optional[jax.Array],
+              t: jax.Array, y: Optional[jax.Array], train: bool = False,
+              rngs=None) -> jax.Array:
+    """The model's output for noisy ``x [B, *S, G]`` and the given channels
+    ``[B, *S, K]`` (or ``None``): concatenated to ``x``, or, with a
+    ControlNet, its hint for the frozen base model."""
+    t = self.net_time(t)
+    if self.control is not None:
+      residuals = self.control.apply({"params": params}, x, given, t, y,
+                                     train=train, rngs=rngs)
+      return self.model.apply({"params": frozen["base"]}, x, t, y,
+                              train=False, control=residuals)
+    if given is not None:
+      x = jnp.concatenate([x, given.astype(x.dtype)], axis=-1)
+    return self.model.apply({"params": params}, x, t, y, train=train,
+                            rngs=rngs)
+
+  def frozen_inputs(self) -> Optional[frozen_lib.FrozenInputs]:
+    """The base model of a ControlNet adapter (``None`` otherwise)."""
+    return self._frozen
+
   def loss_given(self, params, batch: Batch, draws: Batch,
-                 train: bool = True) -> jax.Array:
+                 train: bool = True, frozen: PyTree = None) -> jax.Array:
     """Mean squared error of the ``eps|v`` prediction (or the flow's
     velocity) for given draws."""
-    x0 = batch["image"].astype(jnp.float32)
+    image = batch["image"].astype(jnp.float32)
+    x0 = image[..., self.gen_channels]
     t, noise = draws["t"], draws["noise"]
     if self.flow:
       x_t = flow.interpolate(x0, noise, t)
@@ -132,25 +192,28 @@ class DDPM:
       x_t = schedules.q_sample(self.schedule, x0, t, noise)
       target = schedules.training_target(self.schedule, x0, t, noise,
                                          self.prediction)
-    out = self.model.apply({"params": params}, x_t, self.net_time(t),
-                           draws.get("y"), train=train,
-                           rngs={"dropout": draws["dropout"][0]})
+    given = (image[..., self.given_channels] if self.given_channels
+             else None)
+    out = self.network(params, frozen, x_t, given, t, draws.get("y"),
+                       train=train, rngs={"dropout": draws["dropout"][0]})
     return jnp.mean(jnp.square(out - target))
 
   def loss_fn(self, params, batch: Batch, rng: jax.Array,
-              train: bool = True) -> jax.Array:
+              train: bool = True, frozen: PyTree = None) -> jax.Array:
     """Mean squared error of the ``eps|v`` prediction at uniform ``t``.
 
     ``train=False`` turns dropout off (validation loss); label dropout for
     classifier-free guidance is part of the objective and stays.
     """
-    return self.loss_given(params, batch, self.draw(rng, batch), train)
+    return self.loss_given(params, batch, self.draw(rng, batch), train,
+                           frozen)
 
   def loss(self, state: TrainState, batch: Batch,
            rng: jax.Array) -> jax.Array:
     """The validation loss: :meth:`loss_fn` of ``state.params`` with
     dropout off."""
-    return self.loss_fn(state.params, batch, rng, train=False)
+    return self.loss_fn(state.params, batch, rng, train=False,
+                        frozen=state.frozen)
 
   def grad_step(self, state: TrainState, batch: Batch,
                 rng: jax.Array) -> Tuple[PyTree, Metrics]:
@@ -158,7 +221,8 @@ class DDPM:
     respect to ``state.params``, accumulated over ``self.microbatches``
     microbatches, and ``{"loss"}``; pure and jit-able."""
     loss, grads = microbatch.mean_value_and_grad(
-        lambda p, xs: self.loss_given(p, *xs), state.params,
+        lambda p, xs: self.loss_given(p, *xs, frozen=state.frozen),
+        state.params,
         (batch, self.draw(rng, batch)), self.microbatches)
     return grads, {"loss": loss.astype(jnp.float32)}
 
@@ -181,6 +245,54 @@ class DDPM:
     state, more = self.apply_step(state, grads)
     return state, {**metrics, **more}
 
+  def denoise_fn(self, state: TrainState, num: int,
+                 labels: Optional[jax.Array] = None,
+                 given: Optional[jax.Array] = None):
+    """The sampler's ``(x, t) -> output`` of the EMA network: guided when
+    the model is class-conditional and ``sample.guidance_scale`` asks for
+    it, with the conditioning channels ``given [num, *S, K]`` (masks or
+    source contrasts) concatenated to ``x``.
+
+    Every network call goes through ``model_fn``; on CPUs it runs in
+    microbatches (``sample.microbatches``, auto as for training), whose
+    activations stay in the caches. The guided call doubles the batch.
+    """
+    params = eval_params(state)
+    s = self.config.sample
+    scales = guidance_scales(s, self.num_classes)
+    guided = self.conditional and any(w != 0 for w in scales)
+    calls = 2 * num if guided else num
+    n = microbatch.resolve(int(s.get("microbatches", 0)), calls,
+                           jax.device_count(), jax.default_backend(),
+                           key="sample.microbatches")
+    net = microbatch.chunked(
+        lambda x, g, t, y: self.network(params, state.frozen, x, g, t, y), n)
+
+    def model_fn(x, t, y=None):
+      g = None
+      if given is not None:
+        reps = x.shape[0] // given.shape[0]  # 2 for the guided batch
+        g = jnp.concatenate([given.astype(x.dtype)] * reps)
+      return net(x, g, t, y)
+
+    if not self.conditional:
+      return model_fn
+    if not guided:
+      # w = 0 is the conditional model: skip the doubled batch.
+      return lambda x, t: model_fn(x, t, labels)
+    w = jnp.asarray(scales, jnp.float32)[labels]  # [num]
+    return samplers.guided_denoise_fn(model_fn, labels, w, self.num_classes)
+
+  def _labels(self, num: int, cond) -> Optional[jax.Array]:
+    if not self.conditional:
+      if isinstance(cond, Mapping) and "label" in cond:
+        raise ValueError("labels given to an unconditional model")
+      return None
+    if cond is None or (isinstance(cond, Mapping) and "label" not in cond):
+      return jnp.arange(num, dtype=jnp.int32) % self.num_classes
+    labels = cond["label"] if isinstance(cond, Mapping) else cond
+    return jnp.asarray(labels, jnp.int32)
+
   def sample(self, state: TrainState, rng: jax.Array, num: int,
              cond: Optional[Union[Batch, jax.Array]] = None) -> Batch:
     """``num`` samples (static) with the EMA params when present.
@@ -189,55 +301,36 @@ class DDPM:
       state: training state.
       rng: PRNG key.
       num: number of samples.
-      cond: for a conditional model, ``{"label": [num] int}`` (or the label
-        array itself); ``None`` gives balanced labels ``i % num_classes``.
+      cond: for a class-conditional model, ``{"label": [num] int}`` (or the
+        label array itself); ``None`` gives balanced labels
+        ``i % num_classes``. A mask-conditioned model
+        (``method.condition="mask"``) needs ``{"mask": [num, *S, M]}`` in
+        ``{-1, 1}``.
 
     Returns:
-      ``{"image": [num, *image_shape] float32 in [-1, 1]}`` plus
-      ``"label": [num] int32`` when conditional.
+      ``{"image": [num, *S, C (+ M)] float32 in [-1, 1]}`` (a
+      mask-conditioned model returns the given masks as its mask channels)
+      plus ``"label": [num] int32`` when class-conditional.
     """
-    params = eval_params(state)
-    s = self.config.sample
-    labels = None
-
-    # Every network call goes through ``model_fn``; on CPUs it runs in
-    # microbatches (``sample.microbatches``, auto as for training), whose
-    # activations stay in the caches. The guided call doubles the batch.
-    scales = guidance_scales(s, self.num_classes)
-    guided = self.conditional and any(w != 0 for w in scales)
-    calls = 2 * num if guided else num
-    n = microbatch.resolve(int(s.get("microbatches", 0)), calls,
-                           jax.device_count(), jax.default_backend(),
-                           key="sample.microbatches")
-    model_fn = microbatch.chunked(
-        lambda x, t, y=None: self.model.apply(
-            {"params": params}, x, self.net_time(t), y, train=False), n)
-
-    if isinstance(cond, Mapping) and set(cond) - {"label"}:
-      raise ValueError(f"DDPM is conditioned on labels only; got "
-                       f"{sorted(cond)}")
-    if self.conditional:
-      if cond is None:
-        labels = jnp.arange(num, dtype=jnp.int32) % self.num_classes
-      else:
-        labels = cond["label"] if isinstance(cond, Mapping) else cond
-        labels = jnp.asarray(labels, jnp.int32)
-      if not guided:
-        # w = 0 is the conditional model: skip the doubled batch.
-        denoise_fn = lambda x, t: model_fn(x, t, labels)
-      else:
-        w = jnp.asarray(scales, jnp.float32)[labels]  # [num]
-        denoise_fn = samplers.guided_denoise_fn(model_fn, labels, w,
-                                                self.num_classes)
-    else:
-      denoise_fn = model_fn
-
-    x = self.solve(denoise_fn, rng, (num,) + self.image_shape)
+    allowed = {"label"} | ({"mask"} if self.condition == "mask" else set())
+    if isinstance(cond, Mapping) and set(cond) - allowed:
+      raise ValueError(f"this model is conditioned on {sorted(allowed)}; "
+                       f"got {sorted(cond)}")
+    labels = self._labels(num, cond)
+    given = None
+    if self.condition == "mask":
+      if not isinstance(cond, Mapping) or "mask" not in cond:
+        raise ValueError("a mask-conditioned model samples for "
+                         "cond={'mask': [num, *S, M]}")
+      given = jnp.asarray(cond["mask"], jnp.float32)
+    x = self.solve(self.denoise_fn(state, num, labels, given), rng,
+                   (num,) + self.image_shape)
     out = {"image": self.finish(state, x)}
+    if given is not None:
+      out["image"] = jnp.concatenate([out["image"], given], axis=-1)
     if labels is not None:
       out["label"] = labels
     return out
-
 
   def finish(self, state: TrainState, x: jax.Array) -> jax.Array:
     """The sampler's output as images: clipped to the data range (a latent
@@ -299,8 +392,8 @@ def guidance_scales(sample_config: ml_collections.ConfigDict,
   return (float(sample_config.guidance_scale),) * max(num_classes, 1)
 
 
-METHOD_KEYS = ("name", "objective", "schedule", "timesteps", "prediction",
-               "p_uncond")
+METHOD_KEYS = ("name", "objective", "condition", "controlnet", "schedule",
+               "timesteps", "prediction", "p_uncond")
 SAMPLE_KEYS = ("sampler", "steps", "eta", "guidance_scale",
                "guidance_per_class", "num", "batch_size")
 OPTIONAL_SAMPLE_KEYS = ("microbatches", "clip_x0", "cost_steps")
@@ -309,6 +402,42 @@ OPTIONAL_SAMPLE_KEYS = ("microbatches", "clip_x0", "cost_steps")
 def config_errors(config: ml_collections.ConfigDict) -> List[str]:
   """Problems of the ``method``, ``model`` and ``sample`` sections."""
   return diffusion_errors(config, config.data.res, METHOD_KEYS, "ddpm")
+
+
+def _controlnet_errors(config: ml_collections.ConfigDict) -> List[str]:
+  """Whether ``method.controlnet`` names a base run this adapter fits."""
+  me = config.method
+  if me.condition != "mask":
+    return [f"method.controlnet needs method.condition='mask' (the hint), "
+            f"got {me.condition!r}"]
+  try:
+    with open(os.path.join(str(me.controlnet), "config.json")) as f:
+      base = json.load(f)
+  except (OSError, ValueError):
+    return [f"method.controlnet={me.controlnet}: no readable config.json; "
+            "train the base model there first"]
+  errors = []
+  bm = base.get("method", {})
+  if bm.get("name") != "ddpm" or bm.get("condition", "none") != "none":
+    errors.append(f"method.controlnet: the base run is a "
+                  f"{bm.get('name')!r} with condition "
+                  f"{bm.get('condition', 'none')!r}; it must be a ddpm with "
+                  "condition 'none'")
+  for section, keys in (("model", unet_lib.MODEL_KEYS),
+                        ("data", ("res", "spatial_dims", "contrasts", "cond",
+                                  "num_classes"))):
+    for k in keys:
+      here, there = config[section].get(k), base.get(section, {}).get(k)
+      if isinstance(here, (list, tuple)) or isinstance(there, (list, tuple)):
+        here, there = list(here or ()), list(there or ())
+      if here != there:
+        errors.append(f"method.controlnet: {section}.{k} is {here!r} here "
+                      f"but {there!r} in the base run")
+  for k in ("objective", "prediction", "schedule", "timesteps"):
+    if me.get(k) != bm.get(k):
+      errors.append(f"method.controlnet: method.{k} is {me.get(k)!r} here "
+                    f"but {bm.get(k)!r} in the base run")
+  return errors
 
 
 def diffusion_errors(config: ml_collections.ConfigDict, res: Any,
@@ -321,6 +450,15 @@ def diffusion_errors(config: ml_collections.ConfigDict, res: Any,
   errors += unet_lib.config_errors(config.model, res)
   if checks.section_keys(errors, "method", me, method_keys, who):
     checks.one_of(errors, "method.objective", me.objective, tuple(SAMPLERS))
+    checks.one_of(errors, "method.condition", me.condition,
+                  tuple(CONDITIONS))
+    if me.condition == "mask" and not d.get("mask_channels"):
+      errors.append("method.condition='mask' needs data.mask_channels (the "
+                    "masks to generate from)")
+    if me.condition == "source":
+      errors += pix2pix.translation_errors(config)
+    if me.controlnet:
+      errors += _controlnet_errors(config)
     checks.one_of(errors, "method.schedule", me.schedule,
                   ("linear", "cosine"))
     checks.one_of(errors, "method.prediction", me.prediction, ("eps", "v"))
@@ -350,6 +488,41 @@ def diffusion_errors(config: ml_collections.ConfigDict, res: Any,
   return errors
 
 
+class MaskToImageDDPM(DDPM):
+  """A diffusion model of the contrasts given the lesion masks
+  (``method.condition="mask"``): any real or edited mask yields a paired
+  segmentation example."""
+
+  sample_cond = ("mask",)
+
+
+class TranslatorDDPM(DDPM):
+  """Image-conditioned diffusion for translation (Palette, Saharia et al.
+  2022; ``method.condition="source"``): the target contrasts generated
+  given the source ones; ``translate`` instead of ``sample``."""
+
+  # A translator has no unconditional samples to give (methods.has).
+  sample = None
+
+  def translate(self, state: TrainState, batch: Batch,
+                rng: jax.Array) -> Batch:
+    """``{"image": [B, *S, len(target)]}`` for ``batch["source"] [B, *S,
+    len(source)]``, with the configured sampler (labels from
+    ``batch["label"]`` when class-conditional)."""
+    source = jnp.asarray(batch["source"], jnp.float32)
+    num = source.shape[0]
+    labels = self._labels(num, {"label": batch["label"]}
+                          if "label" in batch else None)
+    x = self.solve(self.denoise_fn(state, num, labels, source), rng,
+                   (num,) + self.image_shape)
+    return {"image": self.finish(state, x)}
+
+
+CONDITIONS = {"none": DDPM, "mask": MaskToImageDDPM,
+              "source": TranslatorDDPM}
+
+
 def make(config: ml_collections.ConfigDict, example_batch: Batch) -> DDPM:
   """Builds the method; image shape comes from ``example_batch["image"]``."""
-  return DDPM(config, tuple(example_batch["image"].shape[1:]))
+  cls = CONDITIONS[config.method.get("condition", "none")]
+  return cls(config, tuple(example_batch["image"].shape[1:]))

@@ -105,9 +105,9 @@ class LDM(ddpm.DDPM):
     self.stage1_kind = kind
     self.stage1 = methods.build(s1, {"image": np.zeros(
         (1,) + self.data_shape, np.float32)})
+    super().__init__(config, tuple(self.stage1.latent_shape))
     self._frozen = frozen_lib.FrozenInputs({"stage1": tree},
                                            {"stage1": record})
-    super().__init__(config, tuple(self.stage1.latent_shape))
     self.init_scale = float(me.scale_factor) or self._data_scale(
         tree, example_batch["image"])
 
@@ -234,6 +234,13 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
     errors.append(f"stage 1 is a {kind!r} config; latent diffusion needs one "
                   f"of {STAGE1_METHODS}")
   errors += _data_mismatch(config.data, stage1)
+  if me.get("controlnet"):
+    errors.append("method.controlnet: adapters for latent diffusion are not "
+                  "supported; use one on a configs/ddpm.py base model")
+  if me.get("condition", "none") != "none":
+    errors.append(f"method.condition={me.condition!r}: latent diffusion "
+                  "is conditioned on labels only (use configs/ddpm.py for "
+                  "mask- or image-conditioned diffusion)")
   errors += ddpm.diffusion_errors(config, _latent_res(stage1), METHOD_KEYS,
                                   "ldm")
   checks.positive(errors, "method.scale_factor", me.get("scale_factor", 0),

@@ -55,7 +55,8 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array,
                y: Optional[jax.Array] = None,
-               train: bool = False) -> jax.Array:
+               train: bool = False,
+               control: Optional[Sequence[jax.Array]] = None) -> jax.Array:
     """Predicts the network target (eps, v, ...) for noisy images.
 
     Args:
@@ -65,6 +66,8 @@ class UNet(nn.Module):
       y: ``[B]`` int class labels in ``[0, num_classes]`` (``num_classes`` is
         the null label), or ``None`` (means null for a conditional net).
       train: enables dropout (needs a ``"dropout"`` rng).
+      control: a :class:`ControlNet`'s residuals, one per skip connection
+        and one for the middle block, added to them (``None``: none).
 
     Returns:
       ``[B, *spatial, out_channels]`` float32.
@@ -77,32 +80,13 @@ class UNet(nn.Module):
       raise ValueError(f"spatial sides {x.shape[1:-1]} must be divisible by "
                        f"{factor} for ch_mult={tuple(self.ch_mult)}")
     out_channels = self.out_channels or x.shape[-1]
-    kw = dict(spatial_dims=self.spatial_dims, dtype=self.dtype,
-              conv_lowering=self.conv_lowering)
-    res_block = functools.partial(layers.ResBlock, num_groups=self.num_groups,
-                                  dropout=self.dropout, **kw)
-    attn_block = functools.partial(layers.AttentionBlock, self.num_heads,
-                                   self.num_groups, self.dtype)
-
+    kw, res_block, attn_block = _blocks(self)
     emb = self._embed(t, y, x.shape[0])
-
-    h = layers.Conv(self.ch, 3, **kw)(x)
-    hs = [h]
-    side = x.shape[-3]  # In-plane side H, in 2D and 3D.
-    for level, mult in enumerate(self.ch_mult):
-      for _ in range(self.num_res_blocks):
-        h = res_block(self.ch * mult)(h, emb, train)
-        if side in self.attn_resolutions:
-          h = attn_block()(h)
-        hs.append(h)
-      if level != len(self.ch_mult) - 1:
-        h = layers.Downsample(h.shape[-1], **kw)(h)
-        side //= 2
-        hs.append(h)
-
-    h = res_block(h.shape[-1])(h, emb, train)
-    h = attn_block()(h)
-    h = res_block(h.shape[-1])(h, emb, train)
+    h, hs = _encoder(self, x, emb, train)
+    if control is not None:
+      h = h + control[-1].astype(h.dtype)
+      hs = [a + c.astype(a.dtype) for a, c in zip(hs, control[:-1])]
+    side = x.shape[-3] // factor
 
     for level, mult in reversed(list(enumerate(self.ch_mult))):
       for _ in range(self.num_res_blocks + 1):
@@ -122,17 +106,126 @@ class UNet(nn.Module):
   def _embed(self, t: jax.Array, y: Optional[jax.Array],
              batch: int) -> jax.Array:
     """Time (plus class) embedding ``[B, 4 * ch]``, float32."""
-    dim = 4 * self.ch
-    emb = layers.timestep_embedding(jnp.broadcast_to(t, (batch,)), self.ch)
-    emb = nn.Dense(dim, kernel_init=layers.default_init)(emb)
-    emb = nn.Dense(dim, kernel_init=layers.default_init)(nn.silu(emb))
-    if self.num_classes > 0:
-      if y is None:
-        y = jnp.full((batch,), self.num_classes, jnp.int32)
-      emb = emb + nn.Embed(self.num_classes + 1, dim, name="class_embed")(y)
-    elif y is not None:
-      raise ValueError("labels given to an unconditional UNet (num_classes=0)")
-    return emb
+    return _embed(self, t, y, batch)
+
+
+def _blocks(module: nn.Module):
+  """``(conv kwargs, ResBlock, AttentionBlock)`` builders of a U-Net-shaped
+  ``module`` (one with :class:`UNet`'s attributes)."""
+  kw = dict(spatial_dims=module.spatial_dims, dtype=module.dtype,
+            conv_lowering=module.conv_lowering)
+  res_block = functools.partial(layers.ResBlock, num_groups=module.num_groups,
+                                dropout=module.dropout, **kw)
+  attn_block = functools.partial(layers.AttentionBlock, module.num_heads,
+                                 module.num_groups, module.dtype)
+  return kw, res_block, attn_block
+
+
+def _encoder(module: nn.Module, x: jax.Array, emb: jax.Array, train: bool,
+             hint: Optional[jax.Array] = None):
+  """The input convolution, the downsampling levels and the middle block,
+  built inside ``module``'s compact call (so a :class:`ControlNet` names
+  its copy's parameters as the :class:`UNet` does and can start from its
+  weights). ``hint`` is added after the input convolution.
+
+  Returns:
+    ``(middle output, [skip activations]))``.
+  """
+  kw, res_block, attn_block = _blocks(module)
+  h = layers.Conv(module.ch, 3, **kw)(x)
+  if hint is not None:
+    h = h + hint.astype(h.dtype)
+  hs = [h]
+  side = x.shape[-3]  # In-plane side H, in 2D and 3D.
+  for level, mult in enumerate(module.ch_mult):
+    for _ in range(module.num_res_blocks):
+      h = res_block(module.ch * mult)(h, emb, train)
+      if side in module.attn_resolutions:
+        h = attn_block()(h)
+      hs.append(h)
+    if level != len(module.ch_mult) - 1:
+      h = layers.Downsample(h.shape[-1], **kw)(h)
+      side //= 2
+      hs.append(h)
+  h = res_block(h.shape[-1])(h, emb, train)
+  h = attn_block()(h)
+  h = res_block(h.shape[-1])(h, emb, train)
+  return h, hs
+
+
+def _embed(module: nn.Module, t: jax.Array, y: Optional[jax.Array],
+           batch: int) -> jax.Array:
+  """:meth:`UNet._embed` of any U-Net-shaped module."""
+  dim = 4 * module.ch
+  emb = layers.timestep_embedding(jnp.broadcast_to(t, (batch,)), module.ch)
+  emb = nn.Dense(dim, kernel_init=layers.default_init)(emb)
+  emb = nn.Dense(dim, kernel_init=layers.default_init)(nn.silu(emb))
+  if module.num_classes > 0:
+    if y is None:
+      y = jnp.full((batch,), module.num_classes, jnp.int32)
+    emb = emb + nn.Embed(module.num_classes + 1, dim, name="class_embed")(y)
+  elif y is not None:
+    raise ValueError("labels given to an unconditional UNet (num_classes=0)")
+  return emb
+
+
+class ControlNet(UNet):
+  """A ControlNet adapter (Zhang et al. 2023) for a trained :class:`UNet`:
+  a trainable copy of its input convolution, downsampling levels and
+  middle block, fed the noisy image plus an encoded ``hint`` (e.g. a lesion
+  mask), whose activations reach the frozen U-Net through zero-initialised
+  1x1 convolutions: at initialisation the adapted model is exactly the
+  base model.
+
+  Attributes: :class:`UNet`'s (they must match the base model's, so the
+  copy can start from its weights; ``out_channels`` is unused), plus
+  ``hint_ch``: channels of the hint encoder's hidden layers.
+  """
+
+  hint_ch: int = 16
+
+  @nn.compact
+  def __call__(self, x: jax.Array, hint: jax.Array, t: jax.Array,  # pylint: disable=arguments-renamed
+               y: Optional[jax.Array] = None,
+               train: bool = False) -> List[jax.Array]:
+    """Residuals for the base U-Net's ``control`` argument.
+
+    Args:
+      x: ``[B, *S, C]`` the base model's input.
+      hint: ``[B, *S, K]`` the condition (same spatial shape as ``x``).
+      t, y, train: as :class:`UNet`.
+
+    Returns:
+      One array per skip connection of the base U-Net, then one for its
+      middle block.
+    """
+    kw = dict(spatial_dims=self.spatial_dims, dtype=self.dtype,
+              conv_lowering=self.conv_lowering)
+    emb = _embed(self, t, y, x.shape[0])
+    g = hint
+    for i in range(2):
+      g = nn.silu(layers.Conv(self.hint_ch, 3, name=f"hint_{i}", **kw)(g))
+    g = layers.Conv(self.ch, 3, kernel_init=layers.zero_init,
+                    name="hint_out", **kw)(g)
+    h, hs = _encoder(self, x, emb, train, hint=g)
+    return [layers.Conv(a.shape[-1], 1, kernel_init=layers.zero_init,
+                        name=f"zero_{i}", **kw)(a)
+            for i, a in enumerate(hs + [h])]
+
+
+def controlnet_init(base_params, control_params):
+  """``control_params`` with every parameter the copy shares with the base
+  U-Net (same path and shape) taken from ``base_params``: the adapter
+  starts as a copy of the trained encoder, its hint path and zero
+  convolutions as initialised."""
+  def take(base, own):
+    if isinstance(own, dict):
+      return {k: take(base.get(k) if isinstance(base, dict) else None, v)
+              for k, v in own.items()}
+    if base is not None and getattr(base, "shape", None) == own.shape:
+      return jnp.asarray(base, own.dtype)
+    return own
+  return take(base_params, control_params)
 
 
 # The ``model`` section a :class:`UNet` is built from.
