@@ -181,15 +181,6 @@ def test_sigkill_then_rerun_resumes_and_sample_mode(tiny_config, tmp_path):
       break
     time.sleep(0.2)
   assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-  # A second writer on the same workdir stops at once, naming the first.
-  second = subprocess.run(args(400, 0), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert second.returncode == 1
-  last = second.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"error: {tmp_path} is in use by pid {proc.pid} "
-                         "on "), second.stderr[-2000:]
-  assert "(--mode=train, started " in last and "Traceback" not in (
-      second.stderr)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())

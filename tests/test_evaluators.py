@@ -65,11 +65,12 @@ def weights_file(tmp_path_factory):
 
 def test_registry_lookup_and_config_errors(tiny_config):
   assert registry.available() == ("generative", "inception_fid", "loss",
-                                 "reconstruction", "translation")
+                                 "mask_fidelity", "reconstruction",
+                                 "translation")
   assert registry.lookup("loss") is registry.TYPES["loss"]
   with pytest.raises(ValueError, match=r"unknown evaluator type 'fid'; "
                      r"registered: \('generative', 'inception_fid', 'loss', "
-                     r"'reconstruction', 'translation'\)"):
+                     r"'mask_fidelity', 'reconstruction', 'translation'\)"):
     registry.lookup("fid")
 
   c = tiny_config.copy_and_resolve_references()
@@ -85,7 +86,7 @@ def test_registry_lookup_and_config_errors(tiny_config):
   msg = str(e.value)
   for part in (
       "evals.fid.type='fid' is not a registered evaluator type; registered: "
-      "('generative', 'inception_fid', 'loss', "
+      "('generative', 'inception_fid', 'loss', 'mask_fidelity', "
       "'reconstruction', 'translation')",
       "evals.untyped.type is missing",
       "evals.loss.every_steps=-1 must be an integer >= 0",

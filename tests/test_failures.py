@@ -99,6 +99,22 @@ def test_workdir_lock_refuses_a_second_writer_and_is_released(tmp_path):
       pass
 
 
+def test_a_second_writer_stops_at_once_naming_the_first(tiny_config,
+                                                        tmp_path):
+  env = dict(os.environ, MEDGEN_DATA_DIR=tiny_config.data.data_dir)
+  with workdir_lock.hold(str(tmp_path), "--mode=train"):
+    r = _launch("--config=configs/ddpm.py:res=16,runlocal",
+                "--config.data.num_subjects=5", f"--workdir={tmp_path}",
+                env=env)
+  assert r.returncode == 1
+  last = _last_line(r)
+  assert last.startswith(f"error: {tmp_path} is in use by pid {os.getpid()} "
+                         "on "), r.stderr[-2000:]
+  assert "(--mode=train, started " in last and "Traceback" not in r.stderr
+  assert not (tmp_path / "checkpoints").exists()
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_workdir_lock_takes_over_from_a_killed_holder(tmp_path, caplog):
   # What SIGKILL leaves: the holder's record, no flock (the kernel dropped
   # it with the process).

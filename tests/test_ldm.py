@@ -84,19 +84,6 @@ def test_samples_decode_to_images_and_masks(ldm_run):
   np.testing.assert_array_equal(out["label"], [0, 1, 0, 1])
 
 
-def test_another_stage1_is_refused_on_resume(ldm_run, tmp_path):
-  c, workdir = ldm_run
-  other = tmp_path / "other_stage1"
-  stage1 = c.stage1.copy_and_resolve_references()
-  stage1.train.num_steps = 2
-  commands.run("train", stage1, str(other))
-  c2 = c.copy_and_resolve_references()
-  c2.method.autoencoder = str(other)
-  c2.train.num_steps = 6
-  with pytest.raises(frozen_lib.FrozenInputError, match="frozen inputs"):
-    commands.run("train", c2, workdir)
-
-
 def test_config_names_a_stage1_on_other_data(data_dir, tmp_path):
   c = _config(data_dir)
   c.stage1.data.contrasts = ("t1w",)
