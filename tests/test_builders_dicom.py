@@ -73,19 +73,23 @@ def write_series(folder, patient, description="CT HEAD", slices=SLICES,
   return uid, [x[1:] for x in sorted(out)]
 
 
-def write_seg(path, series_uid, slices, patient, by_position=False):
-  """Binary SEG: segment 1 on slices 1-2, segment 2 on slice 3."""
+def write_seg(path, series_uid, slices, patient, by_position=False,
+              shared=False):
+  """Binary SEG: segment 1 on slices 1-2, segment 2 on slice 3; with
+  ``shared``, segment 1 on all three, identified once in the shared
+  functional groups (as highdicom writes a single-segment SEG)."""
   frames, groups = [], []
   for number, k, box in ((1, 1, (slice(3, 6), slice(3, 7))),
                          (1, 2, (slice(3, 6), slice(3, 7))),
-                         (2, 3, (slice(5, 7), slice(6, 9)))):
+                         (1 if shared else 2, 3, (slice(5, 7), slice(6, 9)))):
     f = np.zeros((ROWS, COLS), np.uint8)
     f[box] = 1
     frames.append(f)
     g = Dataset()
     seg_id = Dataset()
     seg_id.ReferencedSegmentNumber = number
-    g.SegmentIdentificationSequence = [seg_id]
+    if not shared:
+      g.SegmentIdentificationSequence = [seg_id]
     plane = Dataset()
     plane.ImagePositionPatient = slices[k][1]
     g.PlanePositionSequence = [plane]
@@ -113,6 +117,10 @@ def write_seg(path, series_uid, slices, patient, by_position=False):
     segments.append(s)
   ds.SegmentSequence = segments
   ds.PerFrameFunctionalGroupsSequence = groups
+  if shared:
+    common_group = Dataset()
+    common_group.SegmentIdentificationSequence = [seg_id]
+    ds.SharedFunctionalGroupsSequence = [common_group]
   ds.NumberOfFrames = len(frames)
   ds.Rows, ds.Columns = ROWS, COLS
   ds.SamplesPerPixel = 1
@@ -309,6 +317,22 @@ def test_seg_frames_must_fit_the_series(tmp_path):
     write_seg(f"{root}/{p}/seg.dcm", u, series[p], p)
   _fails(cfg(root, tmp_path / "data"), f"{root}/P00/seg.dcm",
          "lies on no slice")
+
+
+def test_seg_identified_in_the_shared_functional_groups(tmp_path):
+  root, series = write_root(tmp_path / "src", seg=False)
+  for p in ("P00", "P01", "P02"):
+    uid = pydicom.dcmread(series[p][0][2]).SeriesInstanceUID
+    write_seg(f"{root}/{p}/seg.dcm", uid, series[p], p, shared=True)
+  found = dicom_folder.find_subjects(dicom_folder.settings(
+      cfg(root, tmp_path / "data")))
+  sub = [x for x in found if x.name == "P00"][0]
+  scan, segments = dicom_folder.read_seg(sub.seg, sub.series["ct"])
+  assert segments == {1: "edema", 2: "bleed"}
+  # Every frame is segment 1: slices 1-3 carry it, slice 0 nothing.
+  present = [int(scan.data[:, :, k].max())
+             for k in range(scan.data.shape[2])]
+  assert present[:4] == [0, 1, 1, 1], present
 
 
 def test_missing_seg_for_one_subject(tmp_path):

@@ -392,6 +392,10 @@ def read_seg(seg: Seg, series: Series) -> Tuple[volumes.Scan, Dict[int, str]]:
   segments = {int(x.SegmentNumber): str(x.get("SegmentLabel", ""))
               for x in ds.get("SegmentSequence", [])}
   groups = ds.get("PerFrameFunctionalGroupsSequence") or []
+  # The standard lets any functional group sit in the shared sequence when
+  # it is the same for every frame (highdicom writes the segment there for
+  # a single-segment SEG): a frame's own group first, then the shared one.
+  shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
   if len(groups) != n:
     raise file_error(seg.path, f"{len(groups)} per-frame functional groups "
                      f"for {n} frames")
@@ -403,25 +407,37 @@ def read_seg(seg: Seg, series: Series) -> Tuple[volumes.Scan, Dict[int, str]]:
   order = []
   for f, g in enumerate(groups):
     try:
-      number = int(g.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-    except (AttributeError, IndexError):
+      ident = _functional_group(g, shared, "SegmentIdentificationSequence")
+      number = int(ident[0].ReferencedSegmentNumber)
+    except (AttributeError, IndexError, TypeError):
       raise file_error(seg.path, f"frame {f + 1} has no "
-                       "ReferencedSegmentNumber") from None
+                       "ReferencedSegmentNumber (in its per-frame or the "
+                       "shared functional groups)") from None
     if number not in segments or not 0 < number < 256:
       raise file_error(seg.path, f"frame {f + 1} refers to unknown segment "
                        f"{number} (SegmentSequence has {sorted(segments)})")
-    order.append((number, f, _frame_slice(seg.path, f, g, by_sop, depth,
-                                          normal, step)))
+    order.append((number, f, _frame_slice(seg.path, f, g, shared, by_sop,
+                                          depth, normal, step)))
   for number, f, k in sorted(order):  # higher segment numbers win overlaps.
     labels[:, :, k] = np.where(frames[f].T > 0, np.uint8(number),
                                labels[:, :, k])
   return volumes.Scan(labels, affine, seg.path), segments
 
 
-def _frame_slice(path: str, f: int, group, by_sop: Dict[str, int],
+def _functional_group(group, shared, name: str):
+  """Functional group ``name`` of a frame: its own, else the shared one
+  (``None`` when neither has it)."""
+  own = group.get(name)
+  if own:
+    return own
+  return shared.get(name) if shared is not None else None
+
+
+def _frame_slice(path: str, f: int, group, shared, by_sop: Dict[str, int],
                  depth: np.ndarray, normal: np.ndarray, step: float) -> int:
   """Slice index of SEG frame ``f``: by referenced SOP, else by position."""
-  for der in group.get("DerivationImageSequence") or []:
+  for der in _functional_group(group, shared,
+                               "DerivationImageSequence") or []:
     for src in der.get("SourceImageSequence") or []:
       uid = str(src.get("ReferencedSOPInstanceUID", ""))
       if uid in by_sop:
@@ -429,7 +445,7 @@ def _frame_slice(path: str, f: int, group, by_sop: Dict[str, int],
       if uid:
         raise file_error(path, f"frame {f + 1} references SOP instance "
                          f"{uid}, which is not in the image series")
-  planes = group.get("PlanePositionSequence") or []
+  planes = _functional_group(group, shared, "PlanePositionSequence") or []
   if not planes:
     raise file_error(path, f"frame {f + 1} has neither a source image nor "
                      "a plane position")
