@@ -98,6 +98,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       guidance_per_class=(),    # one w per class; () = guidance_scale for all
       num=64,
       batch_size=64,
+      # Network evaluations --mode=sampling_cost scores each sampler at.
+      cost_steps=(5, 10, 25, 50, 250),
   ))
   # Evaluators (medgen_jax.eval.registry): every_steps=0 runs them only with
   # --mode=eval; set it > 0 to also evaluate periodically during training.
@@ -126,7 +128,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.update(num_steps=20, log_every=5, ckpt_every=10, sample_every=20,
                    num_grid_samples=4, ema_warmup=5)
     c.optim.warmup_steps = 5
-    c.sample.update(steps=5, num=8, batch_size=8)
+    c.sample.update(steps=5, num=8, batch_size=8, cost_steps=(2, 5))
     c.evals.generative.update(
         num_samples=16, kid_subsets=5, kid_subset_size=8, pr_k=2,
         diversity_pairs=8,
