@@ -32,8 +32,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+DEFAULT_CONFIG = "configs/study.py"
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/study.py", "Experiment config file (path[:args]).",
+    "config", DEFAULT_CONFIG, "Experiment config file (path[:args]).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics, samples). Default: "
@@ -77,7 +78,7 @@ def _parse_flags(argv):
   ``--config.<key>`` override of a key the config does not have
   (ml_collections raises AttributeError or KeyError, with a "did you mean"
   hint, from inside flag parsing)."""
-  config_arg = _CONFIG.default
+  config_arg = DEFAULT_CONFIG
   for i, a in enumerate(argv[1:], start=1):
     if a.startswith("--config="):
       config_arg = a.split("=", 1)[1]

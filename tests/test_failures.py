@@ -185,6 +185,15 @@ def test_config_file_errors_are_one_line(config, message, tmp_path):
   assert os.listdir(tmp_path) == []
 
 
+def test_no_config_flag_means_the_study(tmp_path):
+  # What `python launch.py` parses: the default config file, loaded.
+  r = _launch(f"--workdir={tmp_path}", "--mode=train")
+  assert r.returncode == 1
+  assert _last_line(r) == (
+      "error: --mode=train needs a method config (e.g. configs/ddpm.py); a "
+      "study config runs with --mode=study"), r.stderr[-2000:]
+
+
 def test_a_raising_config_file_is_named(tmp_path):
   bad = tmp_path / "bad.py"
   bad.write_text("def get_config():\n  raise RuntimeError('no GPU here')\n")
