@@ -198,6 +198,11 @@ class _QuietLibraries(logging.Filter):
       return True
     if record.levelno < logging.WARNING:
       return False
+    if "after interpreter shutdown" in str(record.msg) or any(
+        "after interpreter shutdown" in str(a) for a in record.args or ()):
+      # An orbax helper thread still starting when the process exits after
+      # an error has been reported: noise after the real message.
+      return False
     record.exc_info, record.exc_text = None, None
     return True
 
