@@ -5,7 +5,7 @@ method's and network's own ``config_errors``; imports nothing of the
 package, so any layer can use it.
 """
 
-from typing import Any, Iterable, List, Mapping
+from typing import Any, Iterable, List, Mapping, Sequence, Tuple
 
 
 def one_of(errors: List[str], key: str, value: Any,
@@ -46,3 +46,18 @@ def section_keys(errors: List[str], section: str, given: Mapping[str, Any],
   if missing:
     errors.append(f"{section} is missing {owner}'s key(s) {missing}")
   return not missing
+
+
+def differences(here: Mapping[str, Any], there: Mapping[str, Any],
+                keys: Sequence[str]) -> List[Tuple[str, Any, Any]]:
+  """``(key, value here, value there)`` for each of ``keys`` where two
+  config sections differ; lists and tuples compare by their items (a JSON
+  round trip turns tuples into lists)."""
+  out = []
+  for k in keys:
+    a, b = here.get(k), there.get(k)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+      a, b = list(a or ()), list(b or ())
+    if a != b:
+      out.append((k, a, b))
+  return out

@@ -54,9 +54,8 @@ def resolve_auto_inputs(config: ml_collections.ConfigDict, workdir: str
     finished one is reused as it is)."""
     from medgen_jax import config_check  # pylint: disable=import-outside-toplevel
     from medgen_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
-    mngr = checkpoint.manager(directory, async_save=False)
-    done = mngr.latest_step()
-    mngr.close()
+    steps = checkpoint.steps_on_disk(directory)
+    done = steps[-1] if steps else None
     if done is not None and done >= run_config.train.num_steps:
       logging.info("reusing the finished run in %s (step %d)", directory,
                    done)

@@ -425,18 +425,13 @@ def _controlnet_errors(config: ml_collections.ConfigDict) -> List[str]:
                   "condition 'none'")
   for section, keys in (("model", unet_lib.MODEL_KEYS),
                         ("data", ("res", "spatial_dims", "contrasts", "cond",
-                                  "num_classes"))):
-    for k in keys:
-      here, there = config[section].get(k), base.get(section, {}).get(k)
-      if isinstance(here, (list, tuple)) or isinstance(there, (list, tuple)):
-        here, there = list(here or ()), list(there or ())
-      if here != there:
-        errors.append(f"method.controlnet: {section}.{k} is {here!r} here "
-                      f"but {there!r} in the base run")
-  for k in ("objective", "prediction", "schedule", "timesteps"):
-    if me.get(k) != bm.get(k):
-      errors.append(f"method.controlnet: method.{k} is {me.get(k)!r} here "
-                    f"but {bm.get(k)!r} in the base run")
+                                  "num_classes")),
+                        ("method", ("objective", "prediction", "schedule",
+                                    "timesteps"))):
+    errors += [f"method.controlnet: {section}.{k} is {here!r} here but "
+               f"{there!r} in the base run" for k, here, there in
+               checks.differences(config[section], base.get(section, {}),
+                                  keys)]
   return errors
 
 

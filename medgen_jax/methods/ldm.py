@@ -57,14 +57,9 @@ def stage1_config(stage1: Dict[str, Any]) -> ml_collections.ConfigDict:
 def _data_mismatch(data: ml_collections.ConfigDict,
                    stage1: Dict[str, Any]) -> List[str]:
   """The :data:`SHARED_DATA_KEYS` where the two data sections differ."""
-  out = []
-  for k in SHARED_DATA_KEYS:
-    a, b = data.get(k, ()), stage1.get("data", {}).get(k, ())
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-      a, b = list(a or ()), list(b or ())
-    if a != b:
-      out.append(f"data.{k}: {a!r} here, {b!r} in stage 1")
-  return out
+  return [f"data.{k}: {a!r} here, {b!r} in stage 1"
+          for k, a, b in checks.differences(data, stage1.get("data", {}),
+                                            SHARED_DATA_KEYS)]
 
 
 class LDM(ddpm.DDPM):

@@ -7,7 +7,7 @@ leaves the previous checkpoints intact and the half-written one is ignored.
 """
 
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -26,6 +26,14 @@ def manager(workdir: str, keep: int = 3,
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       item_names=("state", "meta"), options=options)
+
+
+def steps_on_disk(workdir: str) -> List[int]:
+  """The finished checkpoint steps in ``workdir/checkpoints``, sorted, read
+  from the directory names (no manager: it starts helper threads)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+  return sorted(int(p) for p in names if p.isdigit())
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,

@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from medgen_jax import errors
+from medgen_jax.train import checkpoint
 
 PyTree = Any
 
@@ -94,9 +95,7 @@ def load_run(workdir: str, step: Optional[int] = None, which: str = "ema",
         f"{workdir} is not a finished training run ({e}); train it first "
         "with launch.py --workdir=" + workdir) from None
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(p) for p in (os.listdir(ckpt_dir)
-                                  if os.path.isdir(ckpt_dir) else [])
-                 if p.isdigit())
+  steps = checkpoint.steps_on_disk(workdir)
   if not steps or (step is not None and step not in steps):
     raise FrozenInputError(
         f"no checkpoint{'' if step is None else f' {step}'} in {ckpt_dir} "

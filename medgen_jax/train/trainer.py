@@ -516,9 +516,7 @@ def load_for_sampling(config: ml_collections.ConfigDict, workdir: str,
                       step: Optional[int] = None):
   """Experiment and restored state from a trained workdir (for sample/eval)."""
   exp = build_experiment(config)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not any(p.isdigit() for p in (os.listdir(ckpt_dir)
-                                   if os.path.isdir(ckpt_dir) else [])):
+  if not checkpoint.steps_on_disk(workdir):
     raise errors.MissingFileError(
         f"no checkpoint in {workdir}/checkpoints; train first with "
         "--mode=train")
