@@ -17,6 +17,11 @@ Args (``key=value`` after the colon):
     (``configs/vqvae.py``), trained when ``method.autoencoder="auto"``.
   cond: "" or "label" (classifier-free guidance, as ``configs/ddpm.py``).
   objective: "diffusion" or "rectified_flow" (as ``configs/ddpm.py``).
+  condition: "none", or "mask": latents generated from given lesion masks,
+    folded to the latents' grid (space-to-depth) and fed beside them; with
+    ``--config.method.controlnet=<workdir of a configs/ldm.py:mask run>``
+    a ControlNet adapter on that frozen base model instead (it uses the
+    base's stage 1 and latent scale).
 
 The stage-1 run is recorded in ``frozen_inputs.json`` and in every
 checkpoint; resuming with another stage 1 is refused.
@@ -32,19 +37,24 @@ from configs import vqvae
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, stage1="kl", cond="", objective="diffusion",
-                       **common.AUTOENCODER_ARGS)
+                       condition="none", **common.AUTOENCODER_ARGS)
   if a.stage1 not in ("kl", "vq"):
     raise ValueError(f"stage1={a.stage1!r} must be 'kl' or 'vq'")
+  if a.condition not in ("none", "mask"):
+    raise ValueError(f"condition={a.condition!r} must be 'none' or 'mask'")
+  # A mask-conditioned model's stage 1 codes images with their masks.
+  mask = a.mask or a.condition == "mask"
   stage1_args = ",".join(
       [f"res={a.res}", f"contrast={a.contrast}", f"dims={a.dims}"] +
-      (["mask"] if a.mask else []) + (["runlocal"] if a.runlocal else []))
+      (["mask"] if mask else []) + (["runlocal"] if a.runlocal else []))
   stage1 = (autoencoder_kl if a.stage1 == "kl" else vqvae).get_config(
       stage1_args)
   # The diffusion half is a DDPM config on the same data, with the
   # condition.
   c = ddpm.get_config(
       ",".join([f"res={a.res}", f"contrast={a.contrast}", f"dims={a.dims}",
-                f"cond={a.cond}", f"objective={a.objective}"] +
+                f"cond={a.cond}", f"objective={a.objective}",
+                f"condition={a.condition}"] +
                (["runlocal"] if a.runlocal else [])))
   c.data = ml_collections.ConfigDict(stage1.data.to_dict())
   c.data.cond = a.cond

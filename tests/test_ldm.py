@@ -130,3 +130,53 @@ def test_controlnet_trains_the_adapter_and_leaves_the_base_frozen(tiny_config,
   c.model.ch = 32
   with pytest.raises(config_check.ConfigError, match="model.ch is 32 here"):
     config_check.validate(c)
+
+
+def _mask_ldm(data_dir, base_dir, controlnet):
+  """A mask-conditioned LDM on ``base_dir``'s stage 1: concatenated
+  masks, or a ControlNet on the base model itself."""
+  c = _config(data_dir, "res=16,runlocal,cond=label,condition=mask")
+  if controlnet:
+    c.method.controlnet = base_dir  # its stage 1 is taken from the base
+  else:
+    c.method.autoencoder = os.path.join(base_dir, "stage1")
+  config_check.validate(c)
+  c = commands.resolve_auto_inputs(c, base_dir + "_unused")
+  assert c.method.autoencoder == os.path.join(base_dir, "stage1")
+  exp = trainer.build_experiment(c)
+  return c, exp, trainer.init_state(exp)
+
+
+@pytest.mark.parametrize("controlnet", [False, True])
+def test_latents_generated_from_given_masks(ldm_run, controlnet):
+  c_base, base_dir = ldm_run
+  c, exp, state = _mask_ldm(c_base.data.data_dir, base_dir, controlnet)
+  method = exp.method
+  # 16x16 masks fold into the 8x8 latents as 4 channels beside them.
+  z = method.stage1.latent_shape[-1]
+  assert method.given_channels == [z, z + 1, z + 2, z + 3]
+  batch = trainer.example_batch(exp.data, exp.mesh)
+  latents = method._latent_batch(state, batch)["image"]  # pylint: disable=protected-access
+  masks = np.asarray(batch["image"])[..., -1]
+  np.testing.assert_array_equal(np.asarray(latents)[0, 2, 3, z:],
+                                masks[0, 4:6, 6:8].reshape(-1))
+  before = jax.device_get(state.frozen)
+  step = jax.jit(method.train_step)
+  new, m = step(state, batch, jax.random.key(0))
+  new, m = step(new, batch, jax.random.key(1))
+  assert np.isfinite(float(m["loss"]))
+  for a, b in zip(jax.tree.leaves(before),
+                  jax.tree.leaves(jax.device_get(new.frozen))):
+    np.testing.assert_array_equal(a, b)
+  if controlnet:
+    assert set(state.frozen) == {"stage1", "base"}
+    base_scale = frozen_lib.load_run(base_dir, with_model_state=True)[0][
+        "model_state"]["latent_scale"]
+    assert float(state.model_state["latent_scale"]) == float(base_scale)
+  given = np.where(masks[:4, ..., None] > 0, 1.0, -1.0).astype(np.float32)
+  out = jax.jit(lambda s, k: method.sample(
+      s, k, 4, {"mask": given, "label": np.array([1, 1, 0, 0])}))(
+          new, jax.random.key(2))
+  assert out["image"].shape == (4, 16, 16, 2)
+  np.testing.assert_array_equal(np.asarray(out["image"][..., 1:]), given)
+  assert np.isfinite(np.asarray(out["image"])).all()

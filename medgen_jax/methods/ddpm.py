@@ -59,14 +59,8 @@ class DDPM:
                image_shape: Tuple[int, ...]):
     self.config = config
     self.condition = config.method.get("condition", "none")
-    channels = list(range(image_shape[-1]))
-    if self.condition == "mask":
-      n = len(config.data.contrasts)
-      self.gen_channels, self.given_channels = channels[:n], channels[n:]
-    elif self.condition == "source":
-      self.given_channels, self.gen_channels = pix2pix.channels(config)
-    else:
-      self.gen_channels, self.given_channels = channels, []
+    self.gen_channels, self.given_channels = self.split_channels(
+        config, image_shape[-1])
     # What the diffusion generates; the given channels are inputs only.
     self.image_shape = tuple(image_shape[:-1]) + (len(self.gen_channels),)
     self.num_classes = (int(config.data.num_classes)
@@ -82,7 +76,7 @@ class DDPM:
         conv_lowering=m.conv_lowering)
     # A ControlNet adapter on a frozen, trained base model: the adapter's
     # parameters train, the base's (state.frozen["base"]) do not.
-    self.control, self._frozen = None, None
+    self.control, self._frozen, self.base_model_state = None, None, None
     if config.method.get("controlnet"):
       self.control = ControlNet(
           ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
@@ -91,8 +85,11 @@ class DDPM:
           spatial_dims=len(self.image_shape) - 1,
           num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
           conv_lowering=m.conv_lowering)
-      params, _, record = frozen_lib.load_run(config.method.controlnet)
-      self._frozen = frozen_lib.FrozenInputs({"base": params},
+      base, _, record = frozen_lib.load_run(config.method.controlnet,
+                                            with_model_state=True)
+      # A latent base's scale lives in its model state.
+      self.base_model_state = base["model_state"]
+      self._frozen = frozen_lib.FrozenInputs({"base": base["params"]},
                                              {"base": record})
     self.objective = config.method.objective
     self.flow = self.objective == "rectified_flow"
@@ -107,6 +104,30 @@ class DDPM:
   @property
   def conditional(self) -> bool:
     return self.num_classes > 0
+
+  def split_channels(self, config: ml_collections.ConfigDict,
+                     num: int) -> Tuple[List[int], List[int]]:
+    """``(generated, given)`` channel indices of a batch's ``image`` with
+    ``num`` channels: contrasts and masks (``condition="mask"``), target
+    and source contrasts (``"source"``), or all generated."""
+    channels = list(range(num))
+    if self.condition == "mask":
+      n = len(config.data.contrasts)
+      return channels[:n], channels[n:]
+    if self.condition == "source":
+      given, gen = pix2pix.channels(config)
+      return gen, given
+    return channels, []
+
+  def hint(self, given: jax.Array) -> jax.Array:
+    """The network's given channels for a caller's condition (a latent
+    model folds full-size masks to its latents' size)."""
+    return given
+
+  def with_given(self, images: jax.Array, given: jax.Array) -> jax.Array:
+    """Generated ``images [B, *S, C]`` with the given masks ``[B, *S, M]``
+    as their mask channels."""
+    return jnp.concatenate([images, given], axis=-1)
 
   def init(self, rng: jax.Array, batch: Batch) -> TrainState:
     """Initial state; ``batch`` only provides shapes."""
@@ -323,11 +344,12 @@ class DDPM:
         raise ValueError("a mask-conditioned model samples for "
                          "cond={'mask': [num, *S, M]}")
       given = jnp.asarray(cond["mask"], jnp.float32)
-    x = self.solve(self.denoise_fn(state, num, labels, given), rng,
-                   (num,) + self.image_shape)
+    x = self.solve(self.denoise_fn(
+        state, num, labels, None if given is None else self.hint(given)),
+                   rng, (num,) + self.image_shape)
     out = {"image": self.finish(state, x)}
     if given is not None:
-      out["image"] = jnp.concatenate([out["image"], given], axis=-1)
+      out["image"] = self.with_given(out["image"], given)
     if labels is not None:
       out["label"] = labels
     return out
@@ -404,8 +426,11 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
   return diffusion_errors(config, config.data.res, METHOD_KEYS, "ddpm")
 
 
-def _controlnet_errors(config: ml_collections.ConfigDict) -> List[str]:
-  """Whether ``method.controlnet`` names a base run this adapter fits."""
+def _controlnet_errors(config: ml_collections.ConfigDict,
+                       who: str) -> List[str]:
+  """Whether ``method.controlnet`` names a base run this adapter fits: a
+  ``who`` (ddpm or ldm) run with no condition, the same network, data and
+  process."""
   me = config.method
   if me.condition != "mask":
     return [f"method.controlnet needs method.condition='mask' (the hint), "
@@ -418,11 +443,11 @@ def _controlnet_errors(config: ml_collections.ConfigDict) -> List[str]:
             "train the base model there first"]
   errors = []
   bm = base.get("method", {})
-  if bm.get("name") != "ddpm" or bm.get("condition", "none") != "none":
+  if bm.get("name") != who or bm.get("condition", "none") != "none":
     errors.append(f"method.controlnet: the base run is a "
                   f"{bm.get('name')!r} with condition "
-                  f"{bm.get('condition', 'none')!r}; it must be a ddpm with "
-                  "condition 'none'")
+                  f"{bm.get('condition', 'none')!r}; it must be a {who} "
+                  "with condition 'none'")
   for section, keys in (("model", unet_lib.MODEL_KEYS),
                         ("data", ("res", "spatial_dims", "contrasts", "cond",
                                   "num_classes")),
@@ -453,7 +478,7 @@ def diffusion_errors(config: ml_collections.ConfigDict, res: Any,
     if me.condition == "source":
       errors += pix2pix.translation_errors(config)
     if me.controlnet:
-      errors += _controlnet_errors(config)
+      errors += _controlnet_errors(config, who)
     checks.one_of(errors, "method.schedule", me.schedule,
                   ("linear", "cosine"))
     checks.one_of(errors, "method.prediction", me.prediction, ("eps", "v"))

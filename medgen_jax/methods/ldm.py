@@ -24,6 +24,7 @@ import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import einops
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -100,11 +101,25 @@ class LDM(ddpm.DDPM):
     self.stage1_kind = kind
     self.stage1 = methods.build(s1, {"image": np.zeros(
         (1,) + self.data_shape, np.float32)})
-    super().__init__(config, tuple(self.stage1.latent_shape))
-    self._frozen = frozen_lib.FrozenInputs({"stage1": tree},
-                                           {"stage1": record})
-    self.init_scale = float(me.scale_factor) or self._data_scale(
-        tree, example_batch["image"])
+    latent = tuple(self.stage1.latent_shape)
+    # Full-size masks are folded into the latents' grid, losslessly.
+    self.fold = self.data_shape[0] // latent[0]
+    self.num_masks = len(config.data.get("mask_channels") or ())
+    hint = (self.num_masks * self.fold ** (len(latent) - 1)
+            if me.get("condition", "none") == "mask" else 0)
+    super().__init__(config, latent[:-1] + (latent[-1] + hint,))
+    if hint:
+      self.sample_cond = ("mask",)
+    base = self._frozen  # a ControlNet's base model, if any
+    self._frozen = frozen_lib.FrozenInputs(
+        {"stage1": tree, **(base.tree if base else {})},
+        {"stage1": record, **(base.record if base else {})})
+    if base:
+      # The adapter sees the latents its base model was trained on.
+      self.init_scale = float(self.base_model_state["latent_scale"])
+    else:
+      self.init_scale = float(me.scale_factor) or self._data_scale(
+          tree, example_batch["image"])
 
   # ------------------------------------------------------- stage 1 I/O --
 
@@ -138,9 +153,39 @@ class LDM(ddpm.DDPM):
     std = float(jnp.std(z))
     return 1.0 / std if std > 1e-6 else 1.0
 
+  def split_channels(self, config: ml_collections.ConfigDict,
+                     num: int) -> Tuple[List[int], List[int]]:
+    """The stage-1 latent channels are generated; with
+    ``condition="mask"`` the folded masks after them are given."""
+    channels = list(range(num))
+    c = self.stage1.latent_shape[-1]
+    return channels[:c], channels[c:]
+
+  def hint(self, given: jax.Array) -> jax.Array:
+    """Masks ``[B, *S, M]`` folded to the latents' grid: ``[B, *s, M *
+    f^d]`` for ``f = S / s`` (space-to-depth, nothing lost)."""
+    f = self.fold
+    if given.ndim == 4:
+      return einops.rearrange(given, "b (h p) (w q) m -> b h w (p q m)",
+                              p=f, q=f)
+    return einops.rearrange(
+        given, "b (d o) (h p) (w q) m -> b d h w (o p q m)", o=f, p=f, q=f)
+
+  def with_given(self, images: jax.Array, given: jax.Array) -> jax.Array:
+    """The decoded contrasts with the given masks in place of the
+    decoded ones."""
+    return jnp.concatenate(
+        [images[..., :images.shape[-1] - self.num_masks], given], axis=-1)
+
   def _latent_batch(self, state: TrainState, batch: Batch) -> Batch:
-    z = self.to_latents(state.frozen, batch["image"])
-    return dict(batch, image=z * state.model_state["latent_scale"])
+    images = batch["image"]
+    z = self.to_latents(state.frozen, images)
+    z = z * state.model_state["latent_scale"]
+    if self.given_channels:
+      z = jnp.concatenate(
+          [z, self.hint(images[..., -self.num_masks:].astype(z.dtype))],
+          axis=-1)
+    return dict(batch, image=z)
 
   # ------------------------------------------------------------ method --
 
@@ -181,14 +226,28 @@ METHOD_KEYS = ddpm.METHOD_KEYS + ("autoencoder", "scale_factor")
 
 def _stage1_dict(config: ml_collections.ConfigDict) -> Optional[Dict]:
   """The stage-1 config this LDM will use, if it can be read now."""
-  me = config.method
-  if me.autoencoder == "auto":
+  where = config.method.autoencoder
+  if where == "auto":
+    where = _base_autoencoder(config)  # a ControlNet takes its base's
+  if where == "auto" or where is None:
     stage1 = config.get("stage1")
     return stage1.to_dict() if stage1 is not None else None
   try:
-    with open(os.path.join(str(me.autoencoder), "config.json")) as f:
+    with open(os.path.join(str(where), "config.json")) as f:
       return json.load(f)
   except (OSError, ValueError):
+    return None
+
+
+def _base_autoencoder(config: ml_collections.ConfigDict) -> Optional[str]:
+  """The stage-1 workdir of a ControlNet's base LDM run, if readable."""
+  if not config.method.get("controlnet"):
+    return None
+  try:
+    with open(os.path.join(str(config.method.controlnet),
+                           "config.json")) as f:
+      return json.load(f)["method"]["autoencoder"]
+  except (OSError, ValueError, KeyError, TypeError):
     return None
 
 
@@ -229,13 +288,15 @@ def config_errors(config: ml_collections.ConfigDict) -> List[str]:
     errors.append(f"stage 1 is a {kind!r} config; latent diffusion needs one "
                   f"of {STAGE1_METHODS}")
   errors += _data_mismatch(config.data, stage1)
-  if me.get("controlnet"):
-    errors.append("method.controlnet: adapters for latent diffusion are not "
-                  "supported; use one on a configs/ddpm.py base model")
-  if me.get("condition", "none") != "none":
-    errors.append(f"method.condition={me.condition!r}: latent diffusion "
-                  "is conditioned on labels only (use configs/ddpm.py for "
-                  "mask- or image-conditioned diffusion)")
+  if me.get("condition", "none") == "source":
+    errors.append("method.condition='source': latent diffusion generates "
+                  "from labels or masks; translate with configs/palette.py")
+  base = _base_autoencoder(config)
+  if me.get("controlnet") and base and not auto and (
+      os.path.abspath(str(me.autoencoder)) != os.path.abspath(base)):
+    errors.append(f"method.autoencoder={me.autoencoder}: the ControlNet's "
+                  f"base model was trained on the latents of {base}; use "
+                  "that stage 1 (or 'auto', which takes it)")
   errors += ddpm.diffusion_errors(config, _latent_res(stage1), METHOD_KEYS,
                                   "ldm")
   checks.positive(errors, "method.scale_factor", me.get("scale_factor", 0),
@@ -252,6 +313,12 @@ def resolve_auto(config: ml_collections.ConfigDict, workdir: str,
   resumes a cut run and returns at once for a finished one)."""
   del train_encoder
   if config.method.autoencoder != "auto":
+    return config
+  base = _base_autoencoder(config)
+  if base:
+    # A ControlNet works on its base model's latents.
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.method.autoencoder = base
     return config
   directory = os.path.join(os.path.abspath(workdir), "stage1")
   train_run(ml_collections.ConfigDict(config.stage1.to_dict()), directory)
