@@ -4,10 +4,12 @@ r"""Benchmark a config's training step, sampler and input pipeline.
       [--config.model.dtype=bfloat16] [--peak_tflops=989] [--out=bench.json]
       [--profile]
 
-Prints compile time, train steps/s and images/s after warm-up (median over
+Prints compile time, XLA's memory analysis of the compiled step (with
+``--memory_only``, nothing else: what a device would need, computed on any
+machine), train steps/s and images/s after warm-up (median over
 timed steps), sampler seconds per batch and images/s (and seconds per
 denoising step where the config has ``sample.steps``), input-pipeline
-batches/s, peak host RSS, XLA's estimated FLOPs per step, achieved FLOP/s
+batches/s, peak host RSS and device memory, XLA's estimated FLOPs per step, achieved FLOP/s
 and, when the device's peak is known (or given), MFU = achieved / peak. ``--profile`` also traces
 training steps and prints where their time goes, per op category (forward,
 input-gradient and kernel-gradient convolutions, GroupNorm, attention,
@@ -44,9 +46,39 @@ _CACHE = flags.DEFINE_bool(
     "--nocompile_cache times a cold compile.")
 _TOP_OPS = flags.DEFINE_integer("top_ops", 12,
                                 "Slowest HLO ops listed with --profile.")
+_MEMORY_ONLY = flags.DEFINE_bool(
+    "memory_only", False, "Compile the training step and print XLA's "
+    "memory analysis of it, without running anything (what a device would "
+    "need, from any machine).")
 
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def memory_analysis(compiled) -> Dict[str, float]:
+  """XLA's buffer sizes of a compiled program, GiB: arguments, outputs,
+  temporaries, donated (aliased) bytes and the total a device must hold
+  (arguments + outputs + temporaries - aliased)."""
+  ma = compiled.memory_analysis()
+  if ma is None:  # backends without the analysis
+    return {}
+  gib = 2.0 ** 30
+  out = {"argument_gib": ma.argument_size_in_bytes / gib,
+         "output_gib": ma.output_size_in_bytes / gib,
+         "temp_gib": ma.temp_size_in_bytes / gib,
+         "alias_gib": ma.alias_size_in_bytes / gib}
+  out["total_gib"] = (out["argument_gib"] + out["output_gib"] +
+                      out["temp_gib"] - out["alias_gib"])
+  return out
+
+
+def device_peak_gib() -> Any:
+  """The first local device's peak memory in use, GiB (``None`` where the
+  backend keeps no statistics, e.g. CPU)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2.0 ** 30
 
 
 def _timed(fn, repeats: int):
@@ -82,9 +114,21 @@ def run(config) -> Dict[str, Any]:
       "params_M": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
   }
 
+  if _MEMORY_ONLY.value:
+    # The one-program step an accelerator runs (a CPU splits it in two),
+    # with the old state donated as the trainer does.
+    t = time.perf_counter()
+    program = jax.jit(exp.method.train_step, donate_argnums=(0,)).lower(
+        state, batch, rng).compile()
+    res["compile_s"] = time.perf_counter() - t
+    res.update({f"step_{k}": v for k, v in memory_analysis(program).items()})
+    return res
   t = time.perf_counter()
   compiled = trainer.jit_train_step(exp).compile(state, batch, rng)
   res["compile_s"] = time.perf_counter() - t
+  if len(compiled.programs) == 1:
+    res.update({f"step_{k}": v
+                for k, v in memory_analysis(compiled.programs[0]).items()})
   runtime.release_free_memory()  # as the trainer does after compiling
   res["flops_per_step"] = profiling.step_flops(exp.method, state, batch,
                                                 rng)
@@ -137,6 +181,7 @@ def run(config) -> Dict[str, Any]:
       res["sample_steps"] = steps
       res["sample_s_per_denoise_step"] = res["sample_s"] / steps
   res["peak_rss_mb"] = peak_rss_mb()
+  res["device_peak_gib"] = device_peak_gib()
   return res
 
 

@@ -48,11 +48,6 @@ METRIC_HELP = {
 }
 
 
-# Metrics in [0, 1] (SSIM can dip below 0): plots clip their y-axis here.
-BOUNDED = ("auc", "accuracy", "balanced_accuracy", "dice", "dice_per_image",
-           "ssim", "seg_dice", "seg_dice_real")
-
-
 def fmt(x: float, digits: int = 3) -> str:
   if x is None or not np.isfinite(x):
     return "n/a"
@@ -60,11 +55,14 @@ def fmt(x: float, digits: int = 3) -> str:
 
 
 def fmt_ci(s: Dict[str, float], digits: int = 3) -> str:
-  """``mean [low, high]`` (or just the mean for one seed)."""
+  """``mean [low, high]`` (or just the mean for one seed), with a paired
+  difference's ``p``."""
   if not np.isfinite(s.get("ci_low", np.nan)):
     return fmt(s["mean"], digits)
+  p = s.get("p", np.nan)
   return (f"{fmt(s['mean'], digits)} [{fmt(s['ci_low'], digits)}, "
-          f"{fmt(s['ci_high'], digits)}]")
+          f"{fmt(s['ci_high'], digits)}]" +
+          (f" p={p:.2g}" if np.isfinite(p) else ""))
 
 
 # ----------------------------------------------------------- rendering ----
@@ -156,9 +154,8 @@ def plot_task(results: List[Dict[str, Any]], task: str, metric: str,
   ax.set_xticks(fractions)
   ax.set_xticklabels([f"{f:g}" for f in fractions])
   ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  if metric in BOUNDED:
-    # Two-seed intervals can reach far outside the metric's range.
-    lo = min(0.0, np.nanmin([r["metrics"][metric]["mean"] for r in rows]))
+  if np.isfinite(tasks_lib.metric_range(metric)[1]):
+    lo = min(0.0, np.nanmin([r["metrics"][metric]["ci_low"] for r in rows]))
     ax.set_ylim(lo - 0.02, 1.02)
   ax.set_xlabel("fraction of real training subjects")
   ax.set_ylabel(metric + ("" if tasks_lib.higher_is_better(metric)
@@ -251,8 +248,11 @@ def _result_tables(results, task: str) -> List[Block]:
       ("h3", f"{task}: {metric} ({METRIC_HELP.get(metric, '')})"),
       ("table", (header, table + [subjects])),
       ("p", f"Paired difference to the real-only arm (same seeds, same real "
-            f"subjects, same initialisation), mean [95% CI]; an interval "
-            f"that excludes 0 is a difference the seeds support."),
+            f"subjects, same initialisation), mean [95% CI] and the paired "
+            f"t-test's p; an interval that excludes 0 is a difference the "
+            f"seeds support. Intervals are taken on a scale on which the "
+            f"metric's range is unbounded (logit for [0, 1] metrics, log "
+            f"for non-negative ones), so they stay inside it."),
       ("table", (delta_header, delta)),
   ]
   others = [m for m in rows[0]["metrics"] if m != metric]

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from configs import study as study_config
 from medgen_jax import commands
@@ -59,6 +60,27 @@ def test_summarize_t_interval():
   one = study_lib.summarize([0.5])
   assert one["mean"] == 0.5 and np.isnan(one["ci_low"])
   assert study_lib.summarize([np.nan])["n"] == 0
+
+
+def test_intervals_stay_inside_the_metric_range():
+  auc = [0.99, 0.80, 1.0]
+  plain = study_lib.summarize(auc)
+  assert plain["ci_high"] > 1.0  # what a t-interval on the raw scale gives
+  s = study_lib.summarize(auc, tasks_lib.metric_range("auc"))
+  assert s["mean"] == pytest.approx(np.mean(auc))
+  assert 0.0 < s["ci_low"] < 0.8 and 0.99 < s["ci_high"] < 1.0
+  hd = study_lib.summarize([0.5, 4.0, 9.0], tasks_lib.metric_range("hd95"))
+  assert 0.0 < hd["ci_low"] < 0.5 and hd["ci_high"] > 9.0
+  # Logit intervals of values near the middle are close to the t-interval.
+  mid = study_lib.summarize([0.49, 0.5, 0.51], (0.0, 1.0))
+  raw = study_lib.summarize([0.49, 0.5, 0.51])
+  assert mid["ci_low"] == pytest.approx(raw["ci_low"], abs=2e-3)
+  # Paired differences of a [0, 1] metric stay in [-1, 1], with a p-value.
+  d = study_lib.summarize_paired([0.3, 0.25, 0.9], (0.0, 1.0))
+  assert -1.0 < d["ci_low"] < 0.3 and 0.9 < d["ci_high"] < 1.0
+  assert d["p"] == pytest.approx(
+      scipy_stats.ttest_1samp([0.3, 0.25, 0.9], 0.0).pvalue)
+  assert study_lib.summarize_paired([0.0, 0.0], (0.0, 1.0))["p"] == 1.0
 
 
 def test_draw_batch_mixes_real_and_synthetic_rows():

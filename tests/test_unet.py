@@ -194,3 +194,24 @@ def test_zero_initialised_controlnet_leaves_the_base_output_unchanged():
   moved = {k: (jax.tree.map(lambda v: v + 0.1, v) if k.startswith("zero_")
                else v) for k, v in params.items()}
   assert not np.allclose(run(adapt(moved)), plain)
+
+
+def test_remat_keeps_parameter_paths_and_gradients():
+  kw = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+            num_groups=4, dropout=0.1)
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 1), jnp.float32)
+  t = jnp.array([3, 5])
+  plain, remat = UNet(**kw), UNet(remat=True, **kw)
+  params = plain.init({"params": runtime.init_key(0)}, x, t)["params"]
+  assert (jax.tree.structure(params) == jax.tree.structure(
+      remat.init({"params": runtime.init_key(0)}, x, t)["params"]))
+  # The zero-initialised output layer would hide every other gradient.
+  params = jax.tree.map(lambda v: v + 0.01, params)
+
+  def grad(model):
+    return jax.jit(jax.grad(lambda p: jnp.mean(model.apply(
+        {"params": p}, x, t, train=True,
+        rngs={"dropout": jax.random.key(1)}) ** 2)))(params)
+
+  for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(remat))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -264,8 +264,29 @@ def cell_inputs(config: ml_collections.ConfigDict, task_name: str,
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def summarize(values: Sequence[float]) -> Dict[str, float]:
-  """Mean and two-sided 95% t-interval over seeds (nan for one seed)."""
+def _to_open_scale(v: np.ndarray, low: float, high: float):
+  """``(transformed values, inverse)`` mapping ``(low, high)`` onto the
+  real line: logit for a bounded range (a difference of bounded metrics
+  included), log for a lower bound, identity when unbounded. Values on a
+  bound are pulled in by 0.1% of the range, so one perfect seed does not
+  make the interval infinite."""
+  if np.isfinite(low) and np.isfinite(high):
+    eps = 1e-3
+    u = np.clip((v - low) / (high - low), eps, 1 - eps)
+    return (np.log(u / (1 - u)),
+            lambda z: low + (high - low) / (1 + np.exp(-z)))
+  if np.isfinite(low):
+    return np.log(np.maximum(v - low, 1e-9)), lambda z: low + np.exp(z)
+  return v, lambda z: z
+
+
+def summarize(values: Sequence[float],
+              bounds: Tuple[float, float] = (-np.inf, np.inf)
+              ) -> Dict[str, float]:
+  """Mean over seeds and a two-sided 95% t-interval inside ``bounds`` (the
+  metric's range): the interval is taken on a scale where the range is
+  unbounded (:func:`_to_open_scale`) and mapped back, so an AUC interval
+  never passes 1 nor a count 0. ``nan`` interval for one seed."""
   v = np.asarray([x for x in values if np.isfinite(x)], np.float64)
   if len(v) == 0:
     return dict(mean=float("nan"), ci_low=float("nan"),
@@ -273,9 +294,27 @@ def summarize(values: Sequence[float]) -> Dict[str, float]:
   mean = float(v.mean())
   if len(v) < 2:
     return dict(mean=mean, ci_low=float("nan"), ci_high=float("nan"), n=1)
-  half = float(scipy_stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1)
+  z, back = _to_open_scale(v, *bounds)
+  half = float(scipy_stats.t.ppf(0.975, len(v) - 1) * z.std(ddof=1)
                / np.sqrt(len(v)))
-  return dict(mean=mean, ci_low=mean - half, ci_high=mean + half, n=len(v))
+  return dict(mean=mean, ci_low=float(back(z.mean() - half)),
+              ci_high=float(back(z.mean() + half)), n=len(v))
+
+
+def summarize_paired(diffs: Sequence[float],
+                     bounds: Tuple[float, float]) -> Dict[str, float]:
+  """:func:`summarize` of per-seed paired differences of a metric with
+  range ``bounds`` (a difference lies within +-(high - low)), plus ``p``:
+  the two-sided paired t-test of no difference."""
+  width = bounds[1] - bounds[0]
+  out = summarize(diffs, (-width, width))
+  v = np.asarray([x for x in diffs if np.isfinite(x)], np.float64)
+  p = float("nan")
+  if len(v) >= 2:
+    p = (1.0 if np.all(v == v[0]) and v[0] == 0 else
+         0.0 if np.all(v == v[0]) else
+         float(scipy_stats.ttest_1samp(v, 0.0).pvalue))
+  return {**out, "p": p}
 
 
 def real_pools(train: Arrays, fraction: float, num_seeds: int,
@@ -376,7 +415,8 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
         task=task_name, kind=tcfg.kind, fraction=fraction, arm=arm.name,
         arm_kind=arm.kind, generator=gen, primary=fitter.task.primary,
         seed_scores=seed_scores,
-        metrics={m: summarize([s[m] for s in seed_scores])
+        metrics={m: summarize([s[m] for s in seed_scores],
+                              tasks_lib.metric_range(m))
                  for m in seed_scores[0]},
         real_examples=count.tolist(),
         real_subjects=[int(len(np.unique(train["subject_id"][index[s, :c]])))
@@ -533,7 +573,8 @@ def run_translators(config, workdir: str, real: Dict[str, Arrays],
         task=task_name, kind="translation", fraction=fraction, arm=arm,
         arm_kind="translator", generator=None,
         primary=tasks_lib.PRIMARY["translation"], seed_scores=seed_scores,
-        metrics={m: summarize([x[m] for x in seed_scores])
+        metrics={m: summarize([x[m] for x in seed_scores],
+                              tasks_lib.metric_range(m))
                  for m in seed_scores[0]},
         method=cfgs[0].method.name, seconds=time.time() - t0, inputs=inputs)
     key = _cell_key(record)
@@ -564,7 +605,7 @@ def paired_deltas(results: List[Dict[str, Any]]) -> None:
       continue
     m = r["primary"]
     diffs = [s[m] - t[m] for s, t in zip(r["seed_scores"], b["seed_scores"])]
-    r["delta_vs_real"] = summarize(diffs)
+    r["delta_vs_real"] = summarize_paired(diffs, tasks_lib.metric_range(m))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:

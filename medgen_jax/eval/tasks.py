@@ -233,6 +233,24 @@ def make_task(name: str, cfg: ml_collections.ConfigDict,
               PRIMARY[cfg.kind])
 
 
+# The range of each metric :meth:`Task.score` and the study produce:
+# intervals over seeds are computed on a scale where it is unbounded.
+_UNIT = ("auc", "accuracy", "balanced_accuracy", "dice", "dice_per_image",
+         "seg_dice", "seg_dice_real")
+_NON_NEGATIVE = ("mae", "mae_foreground", "hd95", "hd95_missed", "psnr")
+
+
+def metric_range(metric: str) -> Tuple[float, float]:
+  """``(low, high)`` a metric cannot leave (infinite where unbounded)."""
+  if metric in _UNIT:
+    return 0.0, 1.0
+  if metric == "ssim":
+    return -1.0, 1.0
+  if metric in _NON_NEGATIVE:
+    return 0.0, float("inf")
+  return float("-inf"), float("inf")
+
+
 def higher_is_better(metric: str) -> bool:
   """Direction of a metric name produced by :meth:`Task.score`."""
   return not metric.startswith(("mae", "hd95"))

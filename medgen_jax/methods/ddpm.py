@@ -73,7 +73,7 @@ class DDPM:
         out_channels=self.image_shape[-1],
         spatial_dims=len(self.image_shape) - 1,
         num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
-        conv_lowering=m.conv_lowering)
+        conv_lowering=m.conv_lowering, remat=bool(m.get("remat", False)))
     # A ControlNet adapter on a frozen, trained base model: the adapter's
     # parameters train, the base's (state.frozen["base"]) do not.
     self.control, self._frozen, self.base_model_state = None, None, None
@@ -84,7 +84,7 @@ class DDPM:
           dropout=m.dropout, num_groups=m.num_groups,
           spatial_dims=len(self.image_shape) - 1,
           num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
-          conv_lowering=m.conv_lowering)
+          conv_lowering=m.conv_lowering, remat=bool(m.get("remat", False)))
       base, _, record = frozen_lib.load_run(config.method.controlnet,
                                             with_model_state=True)
       # A latent base's scale lives in its model state.

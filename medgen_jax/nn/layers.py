@@ -417,3 +417,12 @@ class Upsample(nn.Module):
     return Conv(self.out_ch, 3, spatial_dims=self.spatial_dims,
                 dtype=self.dtype, conv_lowering=self.conv_lowering,
                 upsample=True)(x)
+
+
+def rematerialized(cls: type, static_argnums=()) -> type:
+  """``cls`` (a Module) whose activations are recomputed in the backward
+  pass, under ``cls``'s name so its parameters keep their paths (a run
+  can turn remat on or off and resume)."""
+  wrapped = nn.remat(cls, static_argnums=static_argnums)
+  return type(cls.__name__, (wrapped,), {"__module__": cls.__module__})
+
