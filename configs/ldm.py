@@ -65,8 +65,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.update(ch=64 if big else 32, ch_mult=(1, 2, 2) if big else (1, 2),
                  num_res_blocks=2 if big else 1,
                  attn_resolutions=(8,) if a.dims == 2 else ())
-  # Latents are scaled to unit variance, not bounded by [-1, 1].
+  # Latents are scaled to unit variance, not bounded by [-1, 1]: no clip,
+  # and v-prediction, whose x0 estimate stays finite near pure noise (an
+  # eps model's samples blew up to std ~1800 here).
   c.sample.clip_x0 = False
+  if a.objective == "diffusion":
+    c.method.prediction = "v"
   c.train.num_steps = 20_000 if big else 2_000
   if a.runlocal:
     c.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1,

@@ -180,3 +180,11 @@ def test_latents_generated_from_given_masks(ldm_run, controlnet):
   assert out["image"].shape == (4, 16, 16, 2)
   np.testing.assert_array_equal(np.asarray(out["image"][..., 1:]), given)
   assert np.isfinite(np.asarray(out["image"])).all()
+
+
+def test_eps_prediction_without_clipping_is_refused(data_dir):
+  c = _config(data_dir)
+  assert c.method.prediction == "v" and not c.sample.clip_x0
+  c.method.prediction = "eps"
+  with pytest.raises(config_check.ConfigError, match="x0 estimates diverge"):
+    config_check.validate(c)

@@ -37,12 +37,14 @@ from medgen_jax.downstream import fit as fit_lib
 from medgen_jax.downstream import synthetic as synthetic_lib
 from medgen_jax.eval import encoder as encoder_lib
 from medgen_jax.eval import generative
+from medgen_jax.eval import metric_validation
 from medgen_jax.eval import tasks as tasks_lib
 from medgen_jax.train import trainer
 
 Arrays = Dict[str, np.ndarray]
 RESULTS = "results.jsonl"
 GEN_METRICS = "generator_metrics.json"
+METRIC_VALIDATION = "metric_validation.json"
 ARM_KINDS = ("real", "real+classical", "real+synthetic",
              "real+classical+synthetic", "synthetic")
 
@@ -608,6 +610,34 @@ def paired_deltas(results: List[Dict[str, Any]]) -> None:
     r["delta_vs_real"] = summarize_paired(diffs, tasks_lib.metric_range(m))
 
 
+def _metric_validation(config: ml_collections.ConfigDict, workdir: str,
+                       enc: encoder_lib.Encoder,
+                       real: Dict[str, Arrays]) -> Dict[str, Any]:
+  """:func:`metric_validation.validate` on the validation subjects against
+  the test subjects, cached in ``metric_validation.json`` for the same
+  encoder and metric settings."""
+  path = os.path.join(workdir, METRIC_VALIDATION)
+  key = dict(encoder=enc.card["settings"],
+             evals=config.evals.generative.to_dict(),
+             splits=[config.data.eval_split, config.study.test_split])
+  key = json.loads(json.dumps(key, sort_keys=True, default=str))
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get("key") == key:
+      return saved["validation"]
+  except (OSError, ValueError):
+    pass  # absent or damaged: a cache, computed again
+  validation = metric_validation.validate(
+      enc, real[config.data.train_split], real[config.data.eval_split],
+      real[config.study.test_split], config.evals.generative)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(dict(key=key, validation=validation), f, indent=1)
+  os.replace(tmp, path)
+  return validation
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes) the whole study; returns what the report needs."""
   from medgen_jax import report  # pylint: disable=import-outside-toplevel
@@ -639,6 +669,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       enc, real[config.data.train_split], real[config.data.eval_split],
       real[config.study.test_split], synthetic, config.evals.generative,
       os.path.join(workdir, GEN_METRICS))
+  validation = _metric_validation(config, workdir, enc, real)
   stage("generator metrics")
   segmenters: Dict[str, TargetSegmenter] = {}
   results = run_downstream(config, workdir, real, synthetic, segmenters)
@@ -651,6 +682,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                                      seconds=v["seconds"], final=v["final"])
                              for k, v in gens.items()},
                  generator_metrics=gen_metrics, encoder_card=enc.card,
+                 metric_validation=validation,
                  timings=timings, real=real, synthetic=synthetic)
   paths = report.write(summary)
   stage("report")

@@ -488,6 +488,15 @@ def diffusion_errors(config: ml_collections.ConfigDict, res: Any,
   if not checks.section_keys(errors, "sample", given, SAMPLE_KEYS, who):
     return errors
   objective = me.get("objective")
+  if (objective == "diffusion" and me.get("prediction") == "eps" and
+      not s.get("clip_x0", True)):
+    # x0 = (x - sqrt(1 - abar) eps) / sqrt(abar): near t = T, sqrt(abar) is
+    # 5e-5 (cosine) or 6e-3 (linear), so without the clip to [-1, 1] the
+    # samplers' x0 estimates carry the eps error times 160-20000.
+    errors.append("method.prediction='eps' with sample.clip_x0=False: the "
+                  "x0 estimates diverge near pure noise; use "
+                  "method.prediction='v' or method.objective="
+                  "'rectified_flow' (unbounded data such as latents)")
   if objective in SAMPLERS:
     checks.one_of(errors, "sample.sampler", s.sampler, SAMPLERS[objective])
   checks.positive(errors, "sample.steps", s.steps)
