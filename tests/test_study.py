@@ -69,6 +69,7 @@ def test_intervals_stay_inside_the_metric_range():
   s = study_lib.summarize(auc, tasks_lib.metric_range("auc"))
   assert s["mean"] == pytest.approx(np.mean(auc))
   assert 0.0 < s["ci_low"] < 0.8 and 0.99 < s["ci_high"] < 1.0
+  assert s["ci_low"] <= s["mean"] <= s["ci_high"]
   hd = study_lib.summarize([0.5, 4.0, 9.0], tasks_lib.metric_range("hd95"))
   assert 0.0 < hd["ci_low"] < 0.5 and hd["ci_high"] > 9.0
   # Logit intervals of values near the middle are close to the t-interval.

@@ -287,8 +287,8 @@ def summarize(values: Sequence[float],
               ) -> Dict[str, float]:
   """Mean over seeds and a two-sided 95% t-interval inside ``bounds`` (the
   metric's range): the interval is taken on a scale where the range is
-  unbounded (:func:`_to_open_scale`) and mapped back, so an AUC interval
-  never passes 1 nor a count 0. ``nan`` interval for one seed."""
+  unbounded (:func:`_to_open_scale`), around the mean's image there, and
+  mapped back, so an AUC interval never passes 1 nor a count 0. ``nan`` interval for one seed."""
   v = np.asarray([x for x in values if np.isfinite(x)], np.float64)
   if len(v) == 0:
     return dict(mean=float("nan"), ci_low=float("nan"),
@@ -299,8 +299,11 @@ def summarize(values: Sequence[float],
   z, back = _to_open_scale(v, *bounds)
   half = float(scipy_stats.t.ppf(0.975, len(v) - 1) * z.std(ddof=1)
                / np.sqrt(len(v)))
-  return dict(mean=mean, ci_low=float(back(z.mean() - half)),
-              ci_high=float(back(z.mean() + half)), n=len(v))
+  # Centred on the mean's image, so the interval holds the mean it is
+  # printed with (also when the mean sits on a bound, pulled in there).
+  centre = float(_to_open_scale(np.asarray([mean]), *bounds)[0][0])
+  return dict(mean=mean, ci_low=min(float(back(centre - half)), mean),
+              ci_high=max(float(back(centre + half)), mean), n=len(v))
 
 
 def summarize_paired(diffs: Sequence[float],
