@@ -54,6 +54,10 @@ def _task(kind: str, inputs, target, num_classes: int, steps: int,
   return ml_collections.ConfigDict(dict(
       kind=kind, inputs=tuple(inputs), target=target, num_classes=num_classes,
       model=model, steps=steps, batch_size=batch_size,
+      # Each seed keeps its parameters with the best validation score
+      # (checked every steps_per_call steps): every arm gets the same budget
+      # and is judged at its best point of it, not at an arbitrary last step.
+      model_selection=True,
       # Training steps run inside one jitted lax.scan per call.
       steps_per_call=min(steps, 25),
       conv_lowering="auto",

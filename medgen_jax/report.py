@@ -267,6 +267,22 @@ def _result_tables(results, task: str) -> List[Block]:
   return blocks
 
 
+def _training_note(config, results) -> str:
+  """How the downstream models were trained and chosen."""
+  parts = []
+  for name, t in config.study.tasks.items():
+    steps = [sel["step"] for r in results if r["task"] == name
+             for sel in r.get("selected", [])]
+    chosen = (f"; each seed keeps its parameters with the best score on the "
+              f"'{config.data.eval_split}' split, checked every "
+              f"{t.steps_per_call} steps (selected steps: median "
+              f"{int(np.median(steps))}, range {min(steps)}-{max(steps)})"
+              if steps else "; the last step's parameters are scored")
+    parts.append(f"{name}: {t.steps} steps, batch {t.batch_size}{chosen}")
+  return ("Every arm of a task gets the same training budget. " +
+          ". ".join(parts) + ".")
+
+
 def _verdict(results, task: str) -> str:
   """One honest sentence per task from the paired deltas."""
   rows = [r for r in results if r["task"] == task and "delta_vs_real" in r]
@@ -438,6 +454,7 @@ def write(summary: Dict[str, Any]) -> Dict[str, str]:
     if v:
       blocks.append(("p", v))
   blocks.append(("h2", "Downstream results"))
+  blocks.append(("p", _training_note(config, results)))
   for t in tasks:
     rows = [r for r in results if r["task"] == t]
     if not rows:

@@ -175,6 +175,12 @@ def test_mini_study_every_arm_has_numbers(mini_study):
     assert len(r["seed_scores"]) == c.study.num_seeds
     vals = [s[r["primary"]] for s in r["seed_scores"]]
     assert all(np.isfinite(vals)), r
+    if "translator" not in r["arm"]:
+      # Model selection on the validation split, per seed.
+      steps = c.study.tasks[r["task"]].steps
+      assert len(r["selected"]) == c.study.num_seeds
+      for sel in r["selected"]:
+        assert sel["score"] == max(sel["curve"]) and 0 < sel["step"] <= steps
   results = out["results"]
   for r in results:
     if r["arm"] != "real":
@@ -198,8 +204,12 @@ def test_mini_study_report_structure(mini_study):
                   "## Downstream results", "### classification: auc",
                   "### segmentation: dice", "### translation: ssim",
                   "## Real vs synthetic images", "## Generators",
-                  "## Run time", "## Config"):
+                  "## Run time", "## Config",
+                  "### Do the metrics see known degradations?"):
     assert heading in md, heading
+  assert "keeps its parameters with the best score on the 'val'" in md
+  for name in ("blur", "dropped_modes", "training_copies"):
+    assert f"| {name} | 0 |" in md
   html = open(os.path.join(workdir, "report.html")).read()
   assert html.startswith("<!DOCTYPE html>") and "<table>" in html
   for img in ("figures/classification_auc.png", "figures/segmentation_dice.png",

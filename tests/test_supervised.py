@@ -25,6 +25,7 @@ class _SignTask:
 
   name: str = "sign"
   model: nn.Module = _Linear()
+  primary: str = "accuracy"
 
   def x(self, batch):
     return batch["x"]
@@ -58,8 +59,9 @@ def test_fit_learns_and_seeds_are_reproducible():
   fitter = supervised.make_fitter(_SignTask(), _cfg(0.1))
   keys = supervised.seed_keys(0, 2)
   data = {k: jnp.asarray(v) for k, v in train.items()}
-  states, losses = supervised.fit(fitter, keys + keys[:1], [data] * 3,
-                                  {"x": train["x"][:1]})
+  states, losses, selected = supervised.fit(
+      fitter, keys + keys[:1], [data] * 3, {"x": train["x"][:1]})
+  assert selected == []  # no validation set, no model selection
   assert losses.shape == (40, 3)
   assert losses[-5:].mean() < 0.5 * losses[:5].mean()
   np.testing.assert_array_equal(losses[:, 0], losses[:, 2])
@@ -67,6 +69,28 @@ def test_fit_learns_and_seeds_are_reproducible():
   # 50 test rows in chunks of 256: one padded call, 50 predictions.
   scores = supervised.score_seeds(fitter, states, test)
   assert len(scores) == 3 and all(s["accuracy"] > 0.8 for s in scores)
+
+
+def test_model_selection_keeps_the_best_validation_checkpoint():
+  train = _data(64)
+  # Labels the training data contradicts: validation accuracy falls as the
+  # model learns, so the best checkpoint is an early one, not the last.
+  flipped = dict(train, y=1 - train["y"])
+  cfg = _cfg(0.1)
+  cfg.update(steps=40, steps_per_call=5)
+  fitter = supervised.make_fitter(_SignTask(), cfg)
+  data = {k: jnp.asarray(v) for k, v in train.items()}
+  states, _, selected = supervised.fit(
+      fitter, supervised.seed_keys(0, 2), [data] * 2, {"x": train["x"][:1]},
+      validation=flipped)
+  for state, sel in zip(states, selected):
+    assert len(sel["curve"]) == 8
+    assert sel["score"] == max(sel["curve"])
+    assert sel["step"] == 5 * (int(np.argmax(sel["curve"])) + 1)
+    assert sel["step"] < 40 and sel["curve"][-1] < sel["score"]
+    # The returned parameters are the selected ones.
+    again = supervised.score_seeds(fitter, [state], flipped)[0]["accuracy"]
+    assert again == sel["score"]
 
 
 def test_map_chunks_pads_the_last_chunk():

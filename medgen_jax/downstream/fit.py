@@ -137,9 +137,11 @@ def make_fitter(task: Task, cfg: ml_collections.ConfigDict,
 
 
 def fit(fitter: supervised.Fitter, pools: Pools, arm: Arm,
-        keys: Sequence[jax.Array], desc: str = "fit"
-        ) -> Tuple[List[TrainState], np.ndarray]:
-  """Trains every seed of one cell; returns the states and losses ``[T, S]``.
+        keys: Sequence[jax.Array], desc: str = "fit",
+        validation: Optional[Dict[str, np.ndarray]] = None
+        ) -> supervised.FitResult:
+  """Trains every seed of one cell (keeping each seed's best parameters on
+  ``validation`` when given, see :func:`supervised.fit`).
 
   Raises:
     supervised.DivergedError: naming the cell, seed and step, if a loss is
@@ -151,4 +153,5 @@ def fit(fitter: supervised.Fitter, pools: Pools, arm: Arm,
           for s in range(len(keys))]
   example = {k: v[:1] for k, v in pools.real.items()}
   return supervised.fit(fitter, keys, data, example, desc=desc,
-                        lr_key=f"study.tasks.{fitter.task.name}.optim.lr")
+                        lr_key=f"study.tasks.{fitter.task.name}.optim.lr",
+                        validation=validation)

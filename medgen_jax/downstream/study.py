@@ -348,6 +348,8 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
   arms = arm_specs(sc.arms, list(config.generators))
   test = real[sc.test_split]
   train = real[config.data.train_split]
+  # Model selection's held-out data: never the test subjects.
+  validation = real[config.data.eval_split]
   per_fraction = sc.generator_data == "per_fraction"
   seed_of = [0 if per_fraction else s for s in range(sc.num_seeds)]
   synthetic_fps = {k: encoder_lib.fingerprint(v) for k, v in synthetic.items()}
@@ -404,10 +406,11 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
             len(synthetic[gen]["image"]) if gen else 0, jnp.int32))
     t0 = time.time()
     desc = f"{task_name} f={fraction:g} {arm.name}"
-    states, losses = fit_lib.fit(
+    states, losses, selected = fit_lib.fit(
         fitter, pools,
         fit_lib.make_arm(arm.synthetic_fraction(sc.synthetic_ratio),
-                         arm.classical), keys, desc=desc)
+                         arm.classical), keys, desc=desc,
+        validation=validation if tcfg.get("model_selection") else None)
     seed_scores = fit_lib.score_seeds(fitter, states, test)
     if fitter.task.kind == "translation" and tcfg.get("segmenter_steps", 0):
       if task_name not in segmenters:
@@ -427,6 +430,7 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
         real_subjects=[int(len(np.unique(train["subject_id"][index[s, :c]])))
                        for s, c in enumerate(count)],
         final_loss=float(losses[-max(1, len(losses) // 10):].mean()),
+        selected=selected,
         seconds=time.time() - t0,
         inputs=want[(task_name, fraction, arm.name)])
     # Replaces a stale line of this cell, keeps every other line.
@@ -492,9 +496,9 @@ def train_target_segmenter(task: tasks_lib.Task,
   full = pools.replace(real_index=jnp.arange(n, dtype=jnp.int32)[None],
                        real_count=jnp.asarray([n], jnp.int32),
                        synthetic_count=jnp.asarray(0, jnp.int32))
-  states, _ = fit_lib.fit(fitter, full, fit_lib.make_arm(0.0, False),
-                          fit_lib.seed_keys(config.seed + 1, 1),
-                          desc=f"{target} segmenter")
+  states = fit_lib.fit(fitter, full, fit_lib.make_arm(0.0, False),
+                       fit_lib.seed_keys(config.seed + 1, 1),
+                       desc=f"{target} segmenter").states
   real = fit_lib.score_seeds(fitter, states, test)[0]["dice"]
   return TargetSegmenter(fitter, states[0].params, real)
 

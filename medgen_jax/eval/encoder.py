@@ -137,7 +137,7 @@ def train_or_load(cfg: ml_collections.ConfigDict, contrasts, spatial_dims: int,
   fitter = supervised.make_fitter(task, cfg)
   data = {"image": jnp.asarray(train["image"]),
           "label": jnp.asarray(train["label"])}
-  states, losses = supervised.fit(
+  states, losses, _ = supervised.fit(
       fitter, supervised.seed_keys(cfg.seed, 1), [data],
       {"image": train["image"][:1]}, desc="encoder",
       lr_key="encoder.optim.lr")

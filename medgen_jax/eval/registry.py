@@ -770,11 +770,11 @@ def _mask_fidelity(config, name, fields, workdir, real: RealData) -> EvalFn:
                              list(d.contrasts), d.spatial_dims)
   fitter = supervised.make_fitter(task, seg_cfg)
   train = real.generator_train
-  states, _ = supervised.fit(
+  states = supervised.fit(
       fitter, supervised.seed_keys(sc.seed, 1),
       [{"image": train["image"], key: train[key]}],
       {"image": train["image"][:1]}, desc="lesion segmenter",
-      lr_key=f"evals.{name}.segmenter.optim.lr")
+      lr_key=f"evals.{name}.segmenter.optim.lr").states
   params = states[0].params
   real_scores = task.score(supervised.predict_all(
       fitter, params, task.x(given)), given)

@@ -13,8 +13,8 @@ same work in sequence.
 """
 
 import dataclasses
-from typing import (Any, Callable, Dict, List, Optional, Protocol, Sequence,
-                    Tuple)
+from typing import (Any, Callable, Dict, List, NamedTuple, Optional, Protocol,
+                    Sequence, Tuple)
 
 import flax.linen as nn
 import jax
@@ -24,6 +24,7 @@ import numpy as np
 
 from medgen_jax import errors
 from medgen_jax import runtime
+from medgen_jax.eval import tasks as tasks_lib
 from medgen_jax.train import sharding as sharding_lib
 from medgen_jax.train.optim import make_optimizer
 from medgen_jax.train.state import TrainState, apply_gradients, create_state
@@ -162,10 +163,41 @@ def seed_keys(base_seed: int, num_seeds: int) -> List[jax.Array]:
           for s in range(num_seeds)]
 
 
+class FitResult(NamedTuple):
+  """What :func:`fit` returns.
+
+  Attributes:
+    states: one per seed; with model selection, holding the selected
+      parameters.
+    losses: ``[T, S]`` training losses.
+    selected: per seed ``{"step", "score", "curve"}``: the step whose
+      parameters were kept, their validation score (the task's primary
+      metric) and the score after every ``steps_per_call`` steps; empty
+      without model selection.
+  """
+
+  states: List[TrainState]
+  losses: np.ndarray
+  selected: List[Dict[str, float]]
+
+
+def _validation_score(fitter: Fitter, params: Any,
+                      validation: Dict[str, np.ndarray]) -> float:
+  """The primary metric of ``params`` on ``validation``, oriented so that
+  larger is better (``nan`` counts as worst)."""
+  task = fitter.task
+  scores = task.score(predict_all(fitter, params, task.x(validation)),
+                      validation)
+  value = float(scores[task.primary])
+  if not np.isfinite(value):
+    return -np.inf
+  return value if tasks_lib.higher_is_better(task.primary) else -value
+
+
 def fit(fitter: Fitter, keys: Sequence[jax.Array], data: Sequence[PyTree],
-        example: Arrays, desc: str = "fit", lr_key: str = "optim.lr"
-        ) -> Tuple[List[TrainState], np.ndarray]:
-  """Trains one model per key; returns the states and losses ``[T, S]``.
+        example: Arrays, desc: str = "fit", lr_key: str = "optim.lr",
+        validation: Optional[Dict[str, np.ndarray]] = None) -> FitResult:
+  """Trains one model per key.
 
   Args:
     fitter: the task's programs.
@@ -175,6 +207,10 @@ def fit(fitter: Fitter, keys: Sequence[jax.Array], data: Sequence[PyTree],
     example: a batch of one example, for the parameter shapes.
     desc: progress bar label, also in the error message.
     lr_key: the setting to lower when training diverges, for the message.
+    validation: held-out arrays for model selection: each seed's
+      parameters are scored on them after every ``steps_per_call`` steps
+      and the best are kept (early stopping without stopping: every arm
+      gets the same budget and its best point of it).
 
   Raises:
     DivergedError: naming the seed and step, if a loss is NaN/Inf.
@@ -186,7 +222,7 @@ def fit(fitter: Fitter, keys: Sequence[jax.Array], data: Sequence[PyTree],
   example_x = fitter.task.x(example)
   replicated = sharding_lib.replicated(fitter.mesh)
   num_calls = cfg.steps // cfg.steps_per_call
-  states, losses = [], []
+  states, losses, selected = [], [], []
   bar = runtime.progress(range(len(keys) * num_calls), len(keys) * num_calls,
                          desc=desc, leave=False)
   it = iter(bar)
@@ -194,6 +230,7 @@ def fit(fitter: Fitter, keys: Sequence[jax.Array], data: Sequence[PyTree],
     seed_data = jax.device_put(data[s], replicated)
     state = fitter.init(key, example_x)
     seed_losses = []
+    best, curve = None, []  # best: (score, step, host copy of params)
     for call in range(num_calls):
       next(it, None)
       start = jnp.asarray(call * cfg.steps_per_call, jnp.int32)
@@ -205,10 +242,22 @@ def fit(fitter: Fitter, keys: Sequence[jax.Array], data: Sequence[PyTree],
             f"{desc}: non-finite {fitter.task.name} loss at seed {s} step "
             f"{bad}; lower {lr_key} or check the data")
       seed_losses.append(loss)
+      if validation is not None:
+        score = _validation_score(fitter, state.params, validation)
+        curve.append(score)
+        if best is None or score > best[0]:
+          # A host copy: the next call donates the state's buffers.
+          best = (score, (call + 1) * cfg.steps_per_call,
+                  jax.device_get(state.params))
+    if best is not None:
+      sign = 1 if tasks_lib.higher_is_better(fitter.task.primary) else -1
+      state = state.replace(params=jax.device_put(best[2], replicated))
+      selected.append({"step": best[1], "score": sign * best[0],
+                       "curve": [sign * c for c in curve]})
     states.append(state)
     losses.append(np.concatenate(seed_losses))
   bar.close()
-  return states, np.stack(losses, axis=1)
+  return FitResult(states, np.stack(losses, axis=1), selected)
 
 
 def map_chunks(fn: Callable[[np.ndarray], jax.Array], x: np.ndarray,
