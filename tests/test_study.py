@@ -208,6 +208,10 @@ def test_mini_study_report_structure(mini_study):
                   "### Do the metrics see known degradations?"):
     assert heading in md, heading
   assert "keeps its parameters with the best score on the 'val'" in md
+  assert "## Families side by side" in md and "| ddpm (diffusion) |" in md
+  assert "Check of the classical baseline (classification, 1 of" in md
+  for r in out["results"]:
+    assert ("delta_vs_classical" in r) == bool(r.get("generator"))
   for name in ("blur", "dropped_modes", "training_copies"):
     assert f"| {name} | 0 |" in md
   html = open(os.path.join(workdir, "report.html")).read()

@@ -604,17 +604,22 @@ def _segmenter_pools(train: Arrays) -> fit_lib.Pools:
 
 
 def paired_deltas(results: List[Dict[str, Any]]) -> None:
-  """Adds ``delta_vs_real``: per-seed paired difference to the real-only arm
-  of the same task and fraction (seeds share init and real subjects)."""
-  base = {(r["task"], r["fraction"]): r for r in results
-          if r["arm"] == "real"}
-  for r in results:
-    b = base.get((r["task"], r["fraction"]))
-    if b is None or r is b:
-      continue
-    m = r["primary"]
-    diffs = [s[m] - t[m] for s, t in zip(r["seed_scores"], b["seed_scores"])]
-    r["delta_vs_real"] = summarize_paired(diffs, tasks_lib.metric_range(m))
+  """Adds ``delta_vs_real`` (every arm) and ``delta_vs_classical`` (arms
+  with synthetic data): per-seed paired differences to the real-only and
+  the real+classical arm of the same task and fraction (seeds share init
+  and real subjects)."""
+  for key, base_arm, only in (("delta_vs_real", "real", False),
+                              ("delta_vs_classical", "real+classical", True)):
+    base = {(r["task"], r["fraction"]): r for r in results
+            if r["arm"] == base_arm}
+    for r in results:
+      b = base.get((r["task"], r["fraction"]))
+      if b is None or r is b or (only and not r.get("generator")):
+        continue
+      m = r["primary"]
+      diffs = [s[m] - t[m]
+               for s, t in zip(r["seed_scores"], b["seed_scores"])]
+      r[key] = summarize_paired(diffs, tasks_lib.metric_range(m))
 
 
 def _metric_validation(config: ml_collections.ConfigDict, workdir: str,

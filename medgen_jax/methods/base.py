@@ -76,6 +76,15 @@ REGISTRY: Mapping[str, str] = types.MappingProxyType({
 })
 
 
+# The family of each method, as the study's report groups generators.
+FAMILIES: Mapping[str, str] = types.MappingProxyType({
+    "ddpm": "diffusion", "ldm": "diffusion",
+    "vae": "VAE", "vqvae": "VAE", "autoencoder_kl": "VAE",
+    "gan": "GAN", "pix2pix": "GAN", "cyclegan": "GAN", "spade_gan": "GAN",
+    "vaegan": "VAE-GAN",
+})
+
+
 class Method(Protocol):
   """What every generative method provides."""
 
