@@ -197,6 +197,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                   "real+classical+synthetic")),
       # Share of every training batch drawn from the synthetic set.
       synthetic_ratio=0.5,
+      # Multipliers of every classical augmentation probability tried on
+      # the validation split (one seed each); the best is every classical
+      # arm's, so generative arms are compared with a tuned baseline.
+      classical_strengths=(0.25, 0.5, 1.0),
       synthetic_per_class=1000 if big else 128,
       synthetic_seed=1234,
       generator_data=a.generator_data,
@@ -262,7 +266,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                      ema_warmup=2)
     gen.optim.warmup_steps = 2
     gen.sample.update(steps=3, batch_size=16)
-    c.study.update(synthetic_per_class=8, num_seeds=a.seeds if a.seeds >= 0 else 2)
+    c.study.update(synthetic_per_class=8, num_seeds=a.seeds if a.seeds >= 0 else 2,
+                   classical_strengths=(0.5, 1.0))
     for t in c.study.tasks.values():
       t.update(steps=a.task_steps or 4, steps_per_call=2, batch_size=8)
       if "segmenter_steps" in t:

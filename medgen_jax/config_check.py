@@ -154,6 +154,11 @@ def study_errors(config: ml_collections.ConfigDict,
   _positive(errors, "study.synthetic_per_class", sc.synthetic_per_class)
   _one_of(errors, "study.generator_data", sc.generator_data,
           ("full", "per_fraction"))
+  for g in tuple(sc.get("classical_strengths", ()) or ()):
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or g <= 0:
+      errors.append(f"study.classical_strengths entry {g!r} must be a "
+                    "positive number (a multiplier of every augmentation "
+                    "probability)")
   if not sc.tasks:
     errors.append("study.tasks is empty")
   for name, t in sc.tasks.items():

@@ -326,6 +326,23 @@ def _classical_check(cell, task: str, metric: str, fractions) -> str:
           f"data): real+classical − real = {fmt_ci(d)}: {verdict}.")
 
 
+def _strength_blocks(chosen: Dict[str, Any]) -> List[Block]:
+  """The classical augmentation strengths tried on validation."""
+  if not chosen:
+    return []
+  rows = [[task, c["metric"]] +
+          [f"×{g:g}: {fmt(v)}" + (" ←" if g == c["chosen"] else "")
+           for g, v in zip(c["strengths"], c["scores"])]
+          for task, c in chosen.items()]
+  width = max(len(c["strengths"]) for c in chosen.values())
+  return [("p", "Classical augmentation strength, chosen on the validation "
+                "split (one seed of real+classical on all real subjects per "
+                "multiplier of every augmentation probability; ← the one "
+                "every classical arm uses):"),
+          ("table", (["task", "metric"] + [f"try {i + 1}"
+                                           for i in range(width)], rows))]
+
+
 def _training_note(config, results) -> str:
   """How the downstream models were trained and chosen."""
   parts = []
@@ -515,6 +532,7 @@ def write(summary: Dict[str, Any]) -> Dict[str, str]:
       blocks.append(("p", v))
   blocks.append(("h2", "Downstream results"))
   blocks.append(("p", _training_note(config, results)))
+  blocks += _strength_blocks(summary.get("classical_strength") or {})
   for t in tasks:
     rows = [r for r in results if r["task"] == t]
     if not rows:

@@ -91,6 +91,18 @@ def test_all_probabilities_zero_is_identity(batch2d):
   _assert_same(out, batch2d)
 
 
+def test_strength_scales_every_probability(batch2d):
+  fn = jax.jit(augment.make_augment_fn(
+      common.augment_config(**{**OFF, "affine_prob": 1.0, "rotate_deg": 30.0,
+                               "brightness_prob": 1.0}), 2))
+  key = jax.random.key(0)
+  _assert_same(fn(key, batch2d, 0.0), batch2d)  # one program, any strength
+  full = fn(key, batch2d, 1.0)
+  assert not np.array_equal(np.asarray(full["image"]),
+                            np.asarray(batch2d["image"]))
+  _assert_same(fn(key, batch2d), full)  # 1 is the default
+
+
 def test_disabled_is_identity(batch2d):
   fn = augment.make_augment_fn(common.augment_config(enabled=False), 2)
   _assert_same(fn(jax.random.key(0), batch2d), batch2d)

@@ -209,6 +209,14 @@ def test_mini_study_report_structure(mini_study):
     assert heading in md, heading
   assert "keeps its parameters with the best score on the 'val'" in md
   assert "## Families side by side" in md and "| ddpm (diffusion) |" in md
+  chosen = json.load(open(os.path.join(workdir, "classical_strength.json")))
+  assert set(chosen) == set(c.study.tasks)
+  for task, ch in chosen.items():
+    assert ch["strengths"] == [0.5, 1.0] and len(ch["scores"]) == 2
+    sign = 1 if tasks_lib.higher_is_better(ch["metric"]) else -1
+    assert ch["chosen"] == ch["strengths"][int(np.argmax(
+        [sign * v for v in ch["scores"]]))]
+  assert "Classical augmentation strength, chosen on the validation" in md
   assert "Check of the classical baseline (classification, 1 of" in md
   for r in out["results"]:
     assert ("delta_vs_classical" in r) == bool(r.get("generator"))

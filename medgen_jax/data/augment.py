@@ -645,25 +645,26 @@ def _layout(spec: AugmentSpec) -> Dict[str, Tuple[int, int]]:
 
 def _spatial_from_units(spec: AugmentSpec, u: Dict[str, jax.Array],
                         elastic_u: Optional[jax.Array],
-                        shape: Sequence[int]):
-  """(sampling matrix, displacement or None, fired) for one example."""
+                        shape: Sequence[int], strength: Any = 1.0):
+  """(sampling matrix, displacement or None, fired) for one example; every
+  probability is scaled by ``strength``."""
   d = len(shape)
   forward = jnp.eye(d + 1, dtype=jnp.float32)
   fired = jnp.zeros((), bool)
   if spec.affine_prob > 0:
-    on = u["affine_on"][0] < spec.affine_prob
+    on = u["affine_on"][0] < spec.affine_prob * strength
     forward = jnp.where(on, affine_from_units(u["affine"], spec, shape),
                         forward)
     fired |= on
   if spec.flip_prob > 0 and spec.flip_axes:
     allowed = np.isin(np.arange(d), spec.flip_axes)
-    flips = (u["flip"] < spec.flip_prob) & allowed
+    flips = (u["flip"] < spec.flip_prob * strength) & allowed
     # The flip acts last on the anatomy, after the affine.
     forward = _matmul(flip_matrix(flips, shape), forward)
     fired |= flips.any()
   displacement = None
   if spec.elastic_prob > 0:
-    on = u["elastic_on"][0] < spec.elastic_prob
+    on = u["elastic_on"][0] < spec.elastic_prob * strength
     displacement = jnp.where(on, elastic_from_units(elastic_u, spec, shape),
                              0.0)
     fired |= on
@@ -672,7 +673,8 @@ def _spatial_from_units(spec: AugmentSpec, u: Dict[str, jax.Array],
 
 def _intensity_from_units(spec: AugmentSpec, u: Dict[str, jax.Array],
                           normal: Optional[jax.Array], image: jax.Array,
-                          lo: jax.Array, hi: jax.Array) -> jax.Array:
+                          lo: jax.Array, hi: jax.Array,
+                          strength: Any = 1.0) -> jax.Array:
   """Gamma, bias, contrast, brightness, noise, clip on ``[*S, C]``.
 
   ``lo``/``hi`` (``[1.., C]``) are the example's per-channel input range:
@@ -683,7 +685,7 @@ def _intensity_from_units(spec: AugmentSpec, u: Dict[str, jax.Array],
   def maybe(name, prob, fn):
     nonlocal x
     if prob > 0:
-      x = jnp.where(u[name][0] < prob, fn(u[name][1:]), x)
+      x = jnp.where(u[name][0] < prob * strength, fn(u[name][1:]), x)
 
   maybe("gamma", spec.gamma_prob, lambda v: apply_gamma(
       x, jnp.exp(_from_unit(v[0], spec.log_gamma))))
@@ -704,7 +706,7 @@ def _intensity_from_units(spec: AugmentSpec, u: Dict[str, jax.Array],
 def _augment_one(spec: AugmentSpec, channels: Optional[Tuple[int, ...]],
                  units: jax.Array, elastic_u: Optional[jax.Array],
                  normal: Optional[jax.Array], image: jax.Array,
-                 masks: Dict[str, jax.Array]):
+                 masks: Dict[str, jax.Array], strength: Any = 1.0):
   """One example: image ``[*S, C]``, masks ``{key: [*S, ...]}``."""
   shape = image.shape[:-1]
   u = {name: units[a:b] for name, (a, b) in _layout(spec).items()}
@@ -713,13 +715,13 @@ def _augment_one(spec: AugmentSpec, channels: Optional[Tuple[int, ...]],
   out = image
   if spec.spatial:
     matrix, displacement, fired = _spatial_from_units(spec, u, elastic_u,
-                                                      shape)
+                                                      shape, strength)
     coords = sampling_grid(shape, matrix, displacement)
     # Examples whose spatial coins all came up "off" stay bit-exact.
     out = jnp.where(fired, resample(image, coords, 1, lo.reshape(-1)), image)
     masks = {k: jnp.where(fired, resample(m, coords, 0, 0), m)
              for k, m in masks.items()}
-  changed = _intensity_from_units(spec, u, normal, out, lo, hi)
+  changed = _intensity_from_units(spec, u, normal, out, lo, hi, strength)
   if channels is not None:
     num = image.shape[-1]
     keep = ~np.isin(np.arange(num), [c % num for c in channels])
@@ -765,8 +767,10 @@ def make_augment_fn(cfg: Any, spatial_dims: int,
       target channel is moved spatially with them but keeps its intensities.
 
   Returns:
-    A pure function of ``(rng, batch)``: same keys, shapes and dtypes; keys
-    other than ``image`` and the present mask keys pass through untouched.
+    A pure function of ``(rng, batch, strength=1)``: same keys, shapes and
+    dtypes; keys other than ``image`` and the present mask keys pass
+    through untouched. ``strength`` (a traced scalar is fine: one program
+    serves every value) multiplies every transform's probability.
     With ``cfg.enabled`` False it returns the batch unchanged. Each example
     draws its own parameters; the result is a deterministic function of
     ``rng`` and the batch.
@@ -777,7 +781,7 @@ def make_augment_fn(cfg: Any, spatial_dims: int,
       int(c) for c in intensity_channels)
   num_units = max(b for _, b in _layout(spec).values())
 
-  def augment(rng: jax.Array, batch: Batch) -> Batch:
+  def augment(rng: jax.Array, batch: Batch, strength: Any = 1.0) -> Batch:
     _check_batch(batch, spatial_dims, mask_keys)
     num_channels = batch["image"].shape[-1]
     if channels is not None and not all(
@@ -804,8 +808,9 @@ def make_augment_fn(cfg: Any, spatial_dims: int,
     units, elastic_u = got["units"], got.get("elastic")
     normal = _normal_from_uniform(got["noise"]) if "noise" in got else None
     masks = {k: batch[k] for k in mask_keys if k in batch}
-    out, masks = jax.vmap(functools.partial(_augment_one, spec, channels))(
-        units, elastic_u, normal, image, masks)
+    out, masks = jax.vmap(
+        lambda *a: _augment_one(spec, channels, *a, strength=strength))(
+            units, elastic_u, normal, image, masks)
     return {**batch, "image": out, **masks}
 
   return augment

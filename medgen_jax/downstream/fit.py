@@ -34,7 +34,7 @@ from medgen_jax.train.supervised import (  # pylint: disable=unused-import
     Fitter, predict_all, score_seeds, seed_keys)
 
 Arrays = Dict[str, jax.Array]
-AugmentFn = Callable[[jax.Array, Arrays], Arrays]
+AugmentFn = Callable[[jax.Array, Arrays, jax.Array], Arrays]
 
 
 @flax.struct.dataclass
@@ -66,15 +66,20 @@ class Arm:
     synthetic_fraction: float32, share of each batch drawn from the
       synthetic pool (0: real only, 1: synthetic only).
     classical: bool, apply classical augmentation to every batch.
+    classical_strength: float32, the multiplier of every augmentation
+      probability (chosen on validation by the study).
   """
 
   synthetic_fraction: jax.Array
   classical: jax.Array
+  classical_strength: jax.Array
 
 
-def make_arm(synthetic_fraction: float, classical: bool) -> Arm:
+def make_arm(synthetic_fraction: float, classical: bool,
+             classical_strength: float = 1.0) -> Arm:
   return Arm(jnp.asarray(synthetic_fraction, jnp.float32),
-             jnp.asarray(classical, jnp.bool_))
+             jnp.asarray(classical, jnp.bool_),
+             jnp.asarray(classical_strength, jnp.float32))
 
 
 def draw_batch(rng: jax.Array, pools: Pools, real_index: jax.Array,
@@ -131,8 +136,10 @@ def make_fitter(task: Task, cfg: ml_collections.ConfigDict,
   augment = None
   if augment_fn is not None:
     def augment(rng, batch, data):
-      return jax.lax.cond(data.arm.classical, lambda b: augment_fn(rng, b),
-                          lambda b: b, batch)
+      return jax.lax.cond(
+          data.arm.classical,
+          lambda b: augment_fn(rng, b, data.arm.classical_strength),
+          lambda b: b, batch)
   return supervised.make_fitter(task, cfg, _draw, augment, mesh)
 
 

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,7 @@ Arrays = Dict[str, np.ndarray]
 RESULTS = "results.jsonl"
 GEN_METRICS = "generator_metrics.json"
 METRIC_VALIDATION = "metric_validation.json"
+CLASSICAL_STRENGTH = "classical_strength.json"
 ARM_KINDS = ("real", "real+classical", "real+synthetic",
              "real+classical+synthetic", "synthetic")
 
@@ -249,7 +250,8 @@ def _done_cells(path: str) -> Dict[Tuple[str, float, str], Dict[str, Any]]:
 
 
 def cell_inputs(config: ml_collections.ConfigDict, task_name: str,
-                synthetic_fingerprint: str = "") -> str:
+                synthetic_fingerprint: str = "",
+                classical_strength: float = 1.0) -> str:
   """A hash of everything a cell's scores depend on besides its
   ``(task, fraction, arm)``: data, seeds, task and augmentation settings and
   (for synthetic arms) the synthetic set itself. A rerun reuses a stored
@@ -262,6 +264,8 @@ def cell_inputs(config: ml_collections.ConfigDict, task_name: str,
                study={k: sc[k] for k in ("num_seeds", "synthetic_ratio",
                                          "test_split", "generator_data")},
                synthetic=synthetic_fingerprint)
+  if classical_strength != 1.0:  # keeps older workdirs' hashes valid
+    parts["classical_strength"] = classical_strength
   text = json.dumps(parts, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -336,6 +340,61 @@ def real_pools(train: Arrays, fraction: float, num_seeds: int,
   return {k: train[k] for k in keys}, index, count
 
 
+def classical_strengths(config: ml_collections.ConfigDict, workdir: str,
+                        train: Arrays, validation: Arrays,
+                        fitter_for: Callable[[str], fit_lib.Fitter],
+                        task_names: Sequence[str]) -> Dict[str, Any]:
+  """The classical augmentation strength of each task, chosen on the
+  validation split: one seed of real+classical on all the real training
+  subjects per value of ``study.classical_strengths`` (multipliers of every
+  augmentation probability), with model selection; the best validation
+  score wins. Cached in ``classical_strength.json`` per task settings.
+
+  Returns:
+    ``{task: {strengths, scores, chosen}}`` (``{}`` without a grid).
+  """
+  grid = [float(g) for g in config.study.get("classical_strengths", ())]
+  if not grid or not task_names:
+    return {}
+  path = os.path.join(workdir, CLASSICAL_STRENGTH)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    saved = {}  # absent or damaged: a cache
+  data_keys = ["image", "label"] + [k for k in ("lesion_mask",) if k in train]
+  out = {}
+  for name in task_names:
+    key = cell_inputs(config, name) + json.dumps(grid)
+    if saved.get(name, {}).get("key") == key:
+      out[name] = saved[name]
+      continue
+    fitter = fitter_for(name)
+    pool, index, count = real_pools(train, 1.0, 1, [0], data_keys)
+    pools = fit_lib.Pools(
+        real={k: jnp.asarray(v) for k, v in pool.items()},
+        real_index=jnp.asarray(index), real_count=jnp.asarray(count),
+        synthetic={k: jnp.asarray(v[:1]) for k, v in pool.items()},
+        synthetic_count=jnp.asarray(0, jnp.int32))
+    scores = []
+    for g in grid:
+      selected = fit_lib.fit(
+          fitter, pools, fit_lib.make_arm(0.0, True, g),
+          fit_lib.seed_keys(config.seed, 1),
+          desc=f"{name} classical x{g:g}", validation=validation).selected
+      scores.append(selected[0]["score"])
+    sign = 1 if tasks_lib.higher_is_better(fitter.task.primary) else -1
+    best = int(np.argmax([sign * v for v in scores]))
+    out[name] = dict(strengths=grid, scores=scores, chosen=grid[best],
+                     metric=fitter.task.primary, key=key)
+    saved[name] = out[name]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(saved, f, indent=1)
+    os.replace(tmp, path)
+  return out
+
+
 def run_downstream(config, workdir: str, real: Dict[str, Arrays],
                    synthetic: Dict[str, Arrays],
                    segmenters: Optional[Dict[str, "TargetSegmenter"]] = None
@@ -355,28 +414,11 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
   synthetic_fps = {k: encoder_lib.fingerprint(v) for k, v in synthetic.items()}
   synthetic_fps[None] = ""  # arms without synthetic data
   cells = [(t, f, a) for t in sc.tasks for f in sc.fractions for a in arms]
-  # What each cell's scores depend on (see cell_inputs), computed once.
-  want = {(t, f, a.name): cell_inputs(config, t,
-                                      synthetic_fps[_gen_for(a, f, config)])
-          for t, f, a in cells}
-  for key in [k for k in want if k in done and
-              done[k].get("inputs") != want[k]]:
-    logging.warning("%s: cell %s f=%g %s was scored with other settings or "
-                    "another synthetic set; rerunning it", path, *key)
-    del done[key]
-  todo = [c for c in cells if (c[0], c[1], c[2].name) not in done]
-  results = [done[(t, f, a.name)] for t, f, a in cells
-             if (t, f, a.name) in done]
   fitters: Dict[str, fit_lib.Fitter] = {}
-  segmenters = {} if segmenters is None else segmenters
-  keys = fit_lib.seed_keys(config.seed, sc.num_seeds)
-  size = max([len(s["image"]) for s in synthetic.values()] or [1])
-  placeholder = {k: np.zeros((size,) + train[k].shape[1:], train[k].dtype)
-                 for k in ("image", "label", "lesion_mask") if k in train}
-  for task_name, fraction, arm in runtime.progress(todo, len(todo),
-                                                   desc="study"):
-    tcfg = sc.tasks[task_name]
+
+  def fitter_for(task_name: str) -> fit_lib.Fitter:
     if task_name not in fitters:
+      tcfg = sc.tasks[task_name]
       task = tasks_lib.make_task(task_name, tcfg, list(config.data.contrasts),
                                  config.data.spatial_dims)
       # Translation targets are image channels: move them with the input
@@ -386,7 +428,33 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
           intensity_channels=(task.inputs if task.kind == "translation"
                               else None))
       fitters[task_name] = fit_lib.make_fitter(task, tcfg, augment_fn)
-    fitter = fitters[task_name]
+    return fitters[task_name]
+
+  strength = classical_strengths(
+      config, workdir, train, validation, fitter_for,
+      [t for t in sc.tasks if any(a.classical for a in arms)])
+  # What each cell's scores depend on (see cell_inputs), computed once.
+  want = {(t, f, a.name): cell_inputs(config, t,
+                                      synthetic_fps[_gen_for(a, f, config)],
+                                      strength.get(t, {}).get("chosen", 1.0))
+          for t, f, a in cells}
+  for key in [k for k in want if k in done and
+              done[k].get("inputs") != want[k]]:
+    logging.warning("%s: cell %s f=%g %s was scored with other settings or "
+                    "another synthetic set; rerunning it", path, *key)
+    del done[key]
+  todo = [c for c in cells if (c[0], c[1], c[2].name) not in done]
+  results = [done[(t, f, a.name)] for t, f, a in cells
+             if (t, f, a.name) in done]
+  segmenters = {} if segmenters is None else segmenters
+  keys = fit_lib.seed_keys(config.seed, sc.num_seeds)
+  size = max([len(s["image"]) for s in synthetic.values()] or [1])
+  placeholder = {k: np.zeros((size,) + train[k].shape[1:], train[k].dtype)
+                 for k in ("image", "label", "lesion_mask") if k in train}
+  for task_name, fraction, arm in runtime.progress(todo, len(todo),
+                                                   desc="study"):
+    tcfg = sc.tasks[task_name]
+    fitter = fitter_for(task_name)
     data_keys = ["image", "label"] + [
         k for k in ("lesion_mask",) if k in train]
     pool, index, count = real_pools(train, fraction, sc.num_seeds, seed_of,
@@ -409,7 +477,9 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
     states, losses, selected = fit_lib.fit(
         fitter, pools,
         fit_lib.make_arm(arm.synthetic_fraction(sc.synthetic_ratio),
-                         arm.classical), keys, desc=desc,
+                         arm.classical,
+                         strength.get(task_name, {}).get("chosen", 1.0)),
+        keys, desc=desc,
         validation=validation if tcfg.get("model_selection") else None)
     seed_scores = fit_lib.score_seeds(fitter, states, test)
     if fitter.task.kind == "translation" and tcfg.get("segmenter_steps", 0):
@@ -622,6 +692,14 @@ def paired_deltas(results: List[Dict[str, Any]]) -> None:
       r[key] = summarize_paired(diffs, tasks_lib.metric_range(m))
 
 
+def _read_json(path: str) -> Dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
 def _metric_validation(config: ml_collections.ConfigDict, workdir: str,
                        enc: encoder_lib.Encoder,
                        real: Dict[str, Arrays]) -> Dict[str, Any]:
@@ -695,6 +773,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                              for k, v in gens.items()},
                  generator_metrics=gen_metrics, encoder_card=enc.card,
                  metric_validation=validation,
+                 classical_strength=_read_json(
+                     os.path.join(workdir, CLASSICAL_STRENGTH)),
                  timings=timings, real=real, synthetic=synthetic)
   paths = report.write(summary)
   stage("report")
