@@ -19,7 +19,8 @@ Args (``key=value`` after the colon):
   seeds: seeds per cell (mean and 95% CI over seeds); default 3 (2 with
     runlocal).
   fractions: real-data fractions joined by "+", e.g. "0.1+0.25+1".
-  tasks: any of classification, segmentation, translation joined by "+".
+  tasks: any of classification, segmentation, translation joined by "+",
+    or "all"; each is kept only where the data set supports it.
   gen_steps: generator training steps (0: the size's default).
   task_steps: downstream training steps (0: the size's default).
   generator_data: "full" (one generator on all training subjects: the
@@ -212,22 +213,27 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   batch = 64 if big else 16
   tasks = {
       "classification": _task(
-          "classification", ("flair",), "label", 2, steps, batch, 2e-3,
+          "classification", ("auto",), "label", 2, steps, batch, 2e-3,
           dict(width=w, stage_sizes=(2, 2, 2) if big else (1, 1, 1),
                num_groups=8)),
       # Two levels on the CPU: at 32 px lesions are a few pixels wide, and
       # XLA:CPU time there is per-op overhead rather than FLOPs.
       "segmentation": _task(
-          "segmentation", ("flair",), "lesion_mask", 2, steps, batch, 2e-3,
+          "segmentation", ("auto",), "auto", 2, steps, batch, 2e-3,
           dict(ch=w, ch_mult=(1, 2, 4) if big else (1, 2), num_groups=8)),
       "translation": _task(
-          "translation", ("t1w",), "t2w", 0, steps, batch, 2e-3,
+          "translation", ("auto",), "auto", 0, steps, batch, 2e-3,
           dict(ch=w, ch_mult=(1, 2, 4), num_groups=8)),
   }
   # Translated T2w images are also scored by the lesion Dice of a segmenter
   # trained on real T2w images (seg_dice; seg_dice_real is its ceiling).
   tasks["translation"].segmenter_steps = steps
-  for name in _entries("tasks", a.tasks):
+  # "auto" inputs and targets are chosen from the data set when the study
+  # starts (downstream.study.resolve_for_data: FLAIR, the mask, the first
+  # contrast to the second); a task the data cannot support (no label, no
+  # mask, one contrast) is dropped with a note in the report.
+  for name in (tuple(tasks) if a.tasks == "all" else
+               _entries("tasks", a.tasks)):
     if name not in tasks:
       raise ValueError(f"unknown task {name!r}; known: {sorted(tasks)}")
     c.study.tasks[name] = tasks[name]

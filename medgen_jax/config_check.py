@@ -134,9 +134,10 @@ def study_errors(config: ml_collections.ConfigDict,
   if translators and not translation_tasks:
     errors.append("translators are configured but study.tasks has no "
                   "translation task (tasks=translation)")
+  resolved = study_lib.with_auto_contrasts(config)
   for name in translators:
     for t in translation_tasks:
-      tr = study_lib.translator_config(config, name, t, 1.0, 0)
+      tr = study_lib.translator_config(resolved, name, t, 1.0, 0)
       errors += [f"translators.{name}: {e}"
                  for e in method_errors(tr, num_devices)]
   for f in sc.fractions:
@@ -165,7 +166,8 @@ def study_errors(config: ml_collections.ConfigDict,
     _one_of(errors, f"study.tasks.{name}.kind", t.kind, tasks_lib.KINDS)
     for c in tuple(t.inputs) + ((t.target,) if t.kind == "translation"
                                 else ()):
-      if c not in d.contrasts:
+      # "auto": chosen from the data set when the study starts.
+      if c != "auto" and c not in d.contrasts:
         errors.append(f"study.tasks.{name}: contrast {c!r} is not in "
                       f"data.contrasts {tuple(d.contrasts)}")
     for k in ("steps", "steps_per_call", "batch_size"):

@@ -19,6 +19,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from medgen_jax import jsonl  # pylint: disable=wrong-import-position
 from medgen_jax import viz  # pylint: disable=wrong-import-position
+from medgen_jax.data.pipeline import MASK_KEYS  # pylint: disable=wrong-import-position
 from medgen_jax.eval import tasks as tasks_lib  # pylint: disable=wrong-import-position
 from medgen_jax.eval import metric_validation  # pylint: disable=wrong-import-position
 from medgen_jax.methods import base as methods_base  # pylint: disable=wrong-import-position
@@ -177,7 +178,8 @@ def real_vs_synthetic_grid(real: Dict[str, np.ndarray],
   """Rows: real class 0, synthetic class 0, real class 1, synthetic class 1,
   ... (``per_class`` each), lesion masks overlaid where present."""
   images, masks = [], []
-  mask_key = "lesion_mask" if "lesion_mask" in synthetic else None
+  mask_key = next((k for k in MASK_KEYS if k in synthetic and k in real),
+                  None)
   for k in np.unique(real["label"]):
     for src in (real, synthetic):
       idx = np.flatnonzero(src["label"] == k)[:per_class]
@@ -524,6 +526,9 @@ def write(summary: Dict[str, Any]) -> Dict[str, str]:
         "information from subjects the real-only arm does not see (the "
         "shared-generator scenario). Use generator_data=per_fraction for "
         "the strict protocol.")))
+  if summary.get("data_notes"):
+    blocks.append(("p", "Fitted to the data set: " +
+                   "; ".join(summary["data_notes"]) + "."))
   blocks += _family_blocks(summary)
   blocks.append(("h2", "Verdict"))
   for t in tasks:

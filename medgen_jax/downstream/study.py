@@ -115,6 +115,83 @@ def load_real(data_cfg: ml_collections.ConfigDict, splits: Sequence[str]
 # Keys of a generator's data section that the study's data section does not
 # override.
 GENERATOR_DATA_KEYS = ("cond", "mask_channels", "batch_size")
+# Task fields resolved from the data set (see resolve_for_data).
+AUTO = "auto"
+
+
+def mask_key(config: ml_collections.ConfigDict) -> str:
+  """The data set's mask key the study uses (``study.mask_key``, set by
+  :func:`resolve_for_data`)."""
+  return config.study.get("mask_key") or "lesion_mask"
+
+
+def with_auto_contrasts(config: ml_collections.ConfigDict
+                        ) -> ml_collections.ConfigDict:
+  """``config`` with the ``"auto"`` contrasts of its tasks chosen from
+  ``data.contrasts``: the lesion-visible FLAIR if present (else every
+  contrast) as classification and segmentation input, the first contrast
+  translated to the second."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  contrasts = list(c.data.contrasts)
+  for t in c.study.tasks.values():
+    if t.kind == "translation":
+      if tuple(t.inputs) == (AUTO,):
+        t.inputs = tuple(contrasts[:1])
+      if t.target == AUTO and len(contrasts) >= 2:
+        t.target = contrasts[1] if t.inputs[0] == contrasts[0] else (
+            contrasts[0])
+    elif tuple(t.inputs) == (AUTO,):
+      t.inputs = ("flair",) if "flair" in contrasts else tuple(contrasts)
+  return c
+
+
+def resolve_for_data(config: ml_collections.ConfigDict, train: Arrays
+                     ) -> Tuple[ml_collections.ConfigDict, List[str]]:
+  """The study for this data set: tasks it cannot support are dropped
+  (a label with 2+ classes for classification, a mask for segmentation,
+  2+ contrasts for translation), ``"auto"`` task inputs and targets are
+  filled in (the lesion-visible FLAIR if present, else every contrast;
+  the data's mask; the first contrast translated to the second), and the
+  mask key of tasks and generators is the data's. Returns the config and
+  one note per change.
+
+  Raises:
+    ConfigError: when no task is left.
+  """
+  c = ml_collections.ConfigDict(config.to_dict())
+  contrasts = list(c.data.contrasts)
+  mask = next((k for k in pipeline.MASK_KEYS if k in train), None)
+  classes = len(np.unique(train["label"])) if "label" in train else 0
+  needs = {"classification": (classes >= 2, "a label with two or more "
+                              "classes"),
+           "segmentation": (mask is not None, "a mask"),
+           "translation": (len(contrasts) >= 2, "two or more contrasts")}
+  notes = []
+  for name in list(c.study.tasks):
+    t = c.study.tasks[name]
+    ok, what = needs[t.kind]
+    if not ok:
+      notes.append(f"task {name} dropped: the data set has no {what}")
+      del c.study.tasks[name]
+      continue
+    if t.kind == "translation" and mask is None and t.get(
+        "segmenter_steps"):
+      t.segmenter_steps = 0
+      notes.append(f"task {name}: no lesion Dice of translated images "
+                   "(the data set has no mask)")
+    if t.kind == "segmentation" and t.target == AUTO:
+      t.target = mask
+  c = with_auto_contrasts(c)
+  if not c.study.tasks:
+    from medgen_jax import config_check  # pylint: disable=import-outside-toplevel
+    raise config_check.ConfigError(
+        "no study task fits this data set: " + "; ".join(notes) +
+        "; give it labels, masks or a second contrast")
+  c.study.mask_key = mask or ""
+  for gen in c.generators.values():
+    if gen.data.get("mask_channels"):
+      gen.data.mask_channels = (mask,) if mask else ()
+  return c, notes
 
 
 def generator_config(study_cfg: ml_collections.ConfigDict, name: str,
@@ -362,7 +439,8 @@ def classical_strengths(config: ml_collections.ConfigDict, workdir: str,
       saved = json.load(f)
   except (OSError, ValueError):
     saved = {}  # absent or damaged: a cache
-  data_keys = ["image", "label"] + [k for k in ("lesion_mask",) if k in train]
+  data_keys = ["image", "label"] + [
+      k for k in (mask_key(config),) if k in train]
   out = {}
   for name in task_names:
     key = cell_inputs(config, name) + json.dumps(grid)
@@ -450,13 +528,14 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
   keys = fit_lib.seed_keys(config.seed, sc.num_seeds)
   size = max([len(s["image"]) for s in synthetic.values()] or [1])
   placeholder = {k: np.zeros((size,) + train[k].shape[1:], train[k].dtype)
-                 for k in ("image", "label", "lesion_mask") if k in train}
+                 for k in ("image", "label", mask_key(config))
+                 if k in train}
   for task_name, fraction, arm in runtime.progress(todo, len(todo),
                                                    desc="study"):
     tcfg = sc.tasks[task_name]
     fitter = fitter_for(task_name)
     data_keys = ["image", "label"] + [
-        k for k in ("lesion_mask",) if k in train]
+        k for k in (mask_key(config),) if k in train]
     pool, index, count = real_pools(train, fraction, sc.num_seeds, seed_of,
                                     data_keys)
     gen = _gen_for(arm, fraction, config)
@@ -541,7 +620,8 @@ class TargetSegmenter:
     image[..., target] = fake
     masks = fit_lib.predict_all(self.fitter, self.params,
                                 self.fitter.task.x({"image": image}))
-    seg = tasks_lib.segmentation_scores(masks, test["lesion_mask"], 2)
+    seg = tasks_lib.segmentation_scores(
+        masks, test[self.fitter.task.target], 2)
     return {"seg_dice": seg["dice"], "seg_dice_real": self.real_dice}
 
 
@@ -553,7 +633,7 @@ def train_target_segmenter(task: tasks_lib.Task,
   training subjects, one seed) for the translation task's Dice score."""
   target = config.data.contrasts[task.target]
   seg_cfg = ml_collections.ConfigDict(dict(
-      kind="segmentation", inputs=(target,), target="lesion_mask",
+      kind="segmentation", inputs=(target,), target=mask_key(config),
       num_classes=2, model=tcfg.model.to_dict(),
       conv_lowering=tcfg.get("conv_lowering", "auto"),
       steps=tcfg.segmenter_steps, steps_per_call=tcfg.steps_per_call,
@@ -663,7 +743,7 @@ def run_translators(config, workdir: str, real: Dict[str, Arrays],
 
 def _segmenter_pools(train: Arrays) -> fit_lib.Pools:
   """All real training rows, no synthetic data (the target segmenter's)."""
-  keys = [k for k in ("image", "label", "lesion_mask") if k in train]
+  keys = [k for k in ("image", "label") + pipeline.MASK_KEYS if k in train]
   n = len(train["image"])
   return fit_lib.Pools(
       real={k: jnp.asarray(train[k]) for k in keys},
@@ -743,6 +823,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   splits = sorted({config.data.train_split, config.data.eval_split,
                    config.study.test_split})
   real, stats = load_real(config.data, splits)
+  config, notes = resolve_for_data(config, real[config.data.train_split])
+  for note in notes:
+    logging.warning("study: %s", note)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
   stage("data")
   gens = train_generators(config, workdir)
   stage("generators")
@@ -772,7 +857,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                                      seconds=v["seconds"], final=v["final"])
                              for k, v in gens.items()},
                  generator_metrics=gen_metrics, encoder_card=enc.card,
-                 metric_validation=validation,
+                 metric_validation=validation, data_notes=notes,
                  classical_strength=_read_json(
                      os.path.join(workdir, CLASSICAL_STRENGTH)),
                  timings=timings, real=real, synthetic=synthetic)
