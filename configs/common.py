@@ -217,6 +217,7 @@ def dicom_data_config(*, root: str, series: Optional[Mapping[str, str]] = None,
                       batch_size: int = 32, cond: str = "",
                       data_dir: str = "", subject_tag: str = "PatientID",
                       skip_incomplete: bool = False,
+                      image_filter: Optional[Mapping[str, Any]] = None,
                       **volume_keys: Any) -> ml_collections.ConfigDict:
   """The ``data`` section of a ``dicom_folder`` data set.
 
@@ -231,6 +232,11 @@ def dicom_data_config(*, root: str, series: Optional[Mapping[str, str]] = None,
     subject_tag: the DICOM attribute naming a subject (``StudyInstanceUID``
       makes every study an example).
     skip_incomplete: skip subjects lacking a series instead of failing.
+    image_filter: DICOM attribute -> value every image must have (text as
+      a glob), applied before any series is checked: one echo
+      (``{"EchoNumbers": 1}``), one time point
+      (``{"TemporalPositionIdentifier": 1}``) or the magnitude images
+      (``{"ImageType": "*\\M\\*"}``) of a 4D series.
     **volume_keys: overrides of the geometry keys.
   """
   series = dict(series or {"ct": "*"})
@@ -241,7 +247,8 @@ def dicom_data_config(*, root: str, series: Optional[Mapping[str, str]] = None,
       data_dir=data_dir,
       num_classes=_num_classes(labels["label_source"], class_names),
       root=root, series=series, mask=mask, subject_tag=subject_tag,
-      skip_incomplete=skip_incomplete, **labels,
+      skip_incomplete=skip_incomplete, image_filter=dict(image_filter or {}),
+      **labels,
       **_volume_keys(**volume_keys))
 
 

@@ -350,3 +350,45 @@ def test_empty_folder_and_no_series(tmp_path):
     f.write("x")
   _fails(cfg(str(tmp_path / "txt"), tmp_path / "data"),
          "no DICOM image series found")
+
+
+def _add_second_echo(slices, folder):
+  """Every image of a series again as echo 2 (same positions, same series):
+  a multi-echo acquisition."""
+  for _, _, path in slices:
+    ds = pydicom.dcmread(path)
+    ds.EchoNumbers = 1
+    ds.save_as(path)
+    ds.EchoNumbers = 2
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(os.path.join(folder, "echo2_" + os.path.basename(path)))
+
+
+def test_multi_echo_series_named_and_selected_by_an_image_filter(tmp_path):
+  root, series = write_root(tmp_path / "src", seg=False)
+  _add_second_echo(series["P01"], f"{root}/P01/ct")
+  _fails(cfg(root, tmp_path / "data"), "the series is multi-echo",
+         "EchoNumbers", "data.image_filter={'EchoNumbers':")
+  # Echo 1 only (images without the attribute, P00 and P02, fail a filter
+  # on it: give them one too).
+  for p in ("P00", "P02"):
+    for _, _, path in series[p]:
+      ds = pydicom.dcmread(path)
+      ds.EchoNumbers = 1
+      ds.save_as(path)
+  b = dicom_folder.prepare(cfg(root, tmp_path / "data",
+                               image_filter={"EchoNumbers": 1}))
+  assert sorted(sum(b.info.metadata["subjects"].values(), [])) == [
+      "P00", "P01", "P02"]
+
+
+def test_a_series_the_config_does_not_select_is_not_checked(tmp_path):
+  root, series = write_root(tmp_path / "src", seg=False)
+  extra, slices = write_series(f"{root}/P01/perf", "P01", "PERFUSION 4D")
+  del extra
+  _add_second_echo(slices, f"{root}/P01/perf")  # same positions twice
+  b = dicom_folder.prepare(cfg(root, tmp_path / "data",
+                               series={"ct": "ct head"}))
+  assert sorted(sum(b.info.metadata["subjects"].values(), [])) == [
+      "P00", "P01", "P02"]

@@ -54,6 +54,10 @@ class DicomSettings:
   Attributes:
     root: the folder (absolute), searched recursively.
     series: feature name -> SeriesDescription glob.
+    image_filter: DICOM attribute -> value (a glob for text) every image
+      must have to be read at all, e.g. ``{"EchoNumbers": 1}`` or
+      ``{"ImageType": "*M*"}``: picks one echo, time point or the
+      magnitude images out of a 4D series before anything is checked.
     mask: ``auto`` (DICOM-SEG label maps when present) or ``none``.
     subject_tag: the DICOM attribute naming a subject.
     skip_incomplete: skip (and log) subjects lacking a series instead of
@@ -65,6 +69,7 @@ class DicomSettings:
 
   root: str
   series: Dict[str, str]
+  image_filter: Dict[str, Any] = dataclasses.field(default_factory=dict)
   mask: str = "auto"
   subject_tag: str = "PatientID"
   skip_incomplete: bool = False
@@ -84,6 +89,8 @@ class Slice:
   orientation: np.ndarray  # ImageOrientationPatient (6 cosines)
   spacing: Tuple[float, float]  # PixelSpacing (row, column) mm
   shape: Tuple[int, int]  # (Rows, Columns)
+  # The attributes that tell the images of a 4D series apart.
+  dims: Tuple[Tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +130,7 @@ def settings(data_cfg) -> DicomSettings:
   return builder_lib.settings_from(
       DicomSettings, data_cfg, root=root,
       series=dict(builder_lib.plain(data_cfg.get("series", {"ct": "*"}))),
+      image_filter=dict(builder_lib.plain(data_cfg.get("image_filter", {}))),
       labels=builder_lib.settings_from(builder_lib.LabelSettings, data_cfg),
       volume=builder_lib.settings_from(volumes.VolumeSettings, data_cfg))
 
@@ -191,7 +199,58 @@ def _slice(ds: pydicom.Dataset, path: str) -> Slice:
                np.asarray(ds.ImagePositionPatient, np.float64),
                np.asarray(ds.ImageOrientationPatient, np.float64),
                tuple(float(v) for v in ds.PixelSpacing),
-               (int(ds.Rows), int(ds.Columns)))
+               (int(ds.Rows), int(ds.Columns)),
+               tuple((k, _text(ds.get(k))) for k in FOURTH_DIMENSION
+                     if ds.get(k) not in (None, "")))
+
+
+# Attributes whose values tell apart images at one position: echoes, time
+# points, magnitude/phase, b-values, repeated acquisitions.
+FOURTH_DIMENSION = ("EchoNumbers", "EchoTime", "TemporalPositionIdentifier",
+                    "TriggerTime", "ImageType", "DiffusionBValue",
+                    "AcquisitionNumber")
+
+
+def _text(value: Any) -> str:
+  if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+    return "\\".join(str(v) for v in value)
+  return str(value)
+
+
+def passes(ds: pydicom.Dataset, image_filter: Dict[str, Any]) -> bool:
+  """Whether an image has every attribute value of ``image_filter`` (text
+  values as case-insensitive globs, numbers compared as numbers)."""
+  for name, want in image_filter.items():
+    got = ds.get(name)
+    if got is None:
+      return False
+    if isinstance(want, (int, float)) and not isinstance(want, bool):
+      try:
+        if float(_text(got).split("\\")[0]) != float(want):
+          return False
+      except ValueError:
+        return False
+    elif not fnmatch.fnmatch(_text(got).lower(), str(want).lower()):
+      return False
+  return True
+
+
+def _fourth_dimension(a: Slice, b: Slice) -> str:
+  """Why two images share a position: the attributes that differ."""
+  da, db = dict(a.dims), dict(b.dims)
+  differ = [k for k in FOURTH_DIMENSION if da.get(k) != db.get(k)]
+  if not differ:
+    return ""
+  kinds = {"EchoNumbers": "multi-echo", "EchoTime": "multi-echo",
+           "TemporalPositionIdentifier": "4D (time points)",
+           "TriggerTime": "4D (time points)",
+           "ImageType": "mixed image types (e.g. magnitude and phase)",
+           "DiffusionBValue": "diffusion-weighted (several b-values)",
+           "AcquisitionNumber": "repeated acquisitions"}
+  k = differ[0]
+  return (f"the series is {kinds[k]}: {k} is {da.get(k)!r} here and "
+          f"{db.get(k)!r} there; select one with data.image_filter="
+          f"{{{k!r}: {db.get(k)!r}}}")
 
 
 def slice_normal(orientation: np.ndarray) -> np.ndarray:
@@ -221,8 +280,10 @@ def sort_slices(slices: Sequence[Slice]) -> Tuple[Slice, ...]:
     gaps = np.diff(depth)
     i = int(np.argmin(gaps))
     if gaps[i] < 1e-3:
+      why = _fourth_dimension(order[i + 1], order[i])
       raise file_error(order[i + 1].path, f"same slice position as "
-                       f"{order[i].path} (duplicate instance?)")
+                       f"{order[i].path}: " +
+                       (why or "duplicate instance?"))
     med = float(np.median(gaps))
     j = int(np.argmax(np.abs(gaps - med)))
     if abs(gaps[j] - med) > 0.1 * med:
@@ -283,6 +344,8 @@ def scan_folder(s: DicomSettings, files: Sequence[str]
       continue
     if "PixelData" not in ds and ds.get("Rows") is None:
       continue  # e.g. structured reports or presentation states.
+    if not passes(ds, s.image_filter):
+      continue
     sl = _slice(ds, path)
     uid = str(ds.SeriesInstanceUID)
     groups.setdefault(uid, []).append(sl)
@@ -290,8 +353,12 @@ def scan_folder(s: DicomSettings, files: Sequence[str]
                  str(_tag(ds, s.subject_tag, path)))
   if not groups:
     raise DataError(f"{root}: no DICOM image series found ({len(files)} "
-                    "files)")
-  series = [Series(uid, info[uid][0], info[uid][1], sort_slices(sl))
+                    "files)" + (f" whose images pass data.image_filter="
+                                f"{s.image_filter}" if s.image_filter
+                                else ""))
+  # Sorted and checked only once selected: a series the config does not
+  # use (a 4D one, a scout) must not stop the folder.
+  series = [Series(uid, info[uid][0], info[uid][1], tuple(sl))
             for uid, sl in sorted(groups.items())]
   return series, segs
 
@@ -327,7 +394,8 @@ def find_subjects(s: DicomSettings,
             f"pattern {pattern!r}: {[(x.description, x.folder) for x in hits]}"
             "; make data.series more specific or set data.subject_tag="
             "'StudyInstanceUID'"))
-      chosen[feature] = hits[0]
+      chosen[feature] = dataclasses.replace(
+          hits[0], slices=sort_slices(hits[0].slices))
     if len(chosen) < len(s.series):
       continue
     found = [g for x in chosen.values() for g in seg_of.get(x.uid, [])]
