@@ -392,3 +392,15 @@ def test_a_series_the_config_does_not_select_is_not_checked(tmp_path):
                                series={"ct": "ct head"}))
   assert sorted(sum(b.info.metadata["subjects"].values(), [])) == [
       "P00", "P01", "P02"]
+
+
+def test_gantry_tilt_is_refused_by_name(tmp_path):
+  root, series = write_root(tmp_path / "src", seg=False)
+  # A 10 degree tilt: each slice also steps along y.
+  for k, (_, pos, path) in enumerate(series["P02"]):
+    ds = pydicom.dcmread(path)
+    ds.ImagePositionPatient = [pos[0], pos[1] + k * STEP * np.tan(
+        np.radians(10.0)), pos[2]]
+    ds.save_as(path)
+  _fails(cfg(root, tmp_path / "data"), "10.0 degrees off their normal",
+         "gantry tilt", "dcm2niix")

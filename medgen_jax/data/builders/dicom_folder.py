@@ -277,6 +277,18 @@ def sort_slices(slices: Sequence[Slice]) -> Tuple[Slice, ...]:
   order = sorted(slices, key=lambda s: float(s.position @ normal))
   depth = np.asarray([s.position @ normal for s in order])
   if len(order) > 1:
+    # The slices must be stacked along their normal; a CT acquired with a
+    # tilted gantry steps sideways too, and stacking it would shear the
+    # anatomy.
+    step = order[-1].position - order[0].position
+    cos = abs(float(step @ normal)) / max(float(np.linalg.norm(step)), 1e-9)
+    tilt = float(np.degrees(np.arccos(min(cos, 1.0))))
+    if tilt > 0.5:
+      raise file_error(order[-1].path, (
+          f"the slices step {tilt:.1f} degrees off their normal (gantry "
+          "tilt): stacking them would shear the anatomy; resample the "
+          "series to an untilted grid (dcm2niix corrects gantry tilt) and "
+          "use nifti_folder"))
     gaps = np.diff(depth)
     i = int(np.argmin(gaps))
     if gaps[i] < 1e-3:
