@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import logging
 import os
 
 import nibabel as nib
@@ -397,3 +398,26 @@ def test_config_errors_name_the_key():
   del c.data["root"]
   with pytest.raises(config_check.ConfigError, match=r"data.root is missing"):
     config_check.validate(c)
+
+
+def test_volumes_ten_times_brighter_are_named_with_volume_norm_none(
+    tmp_path, caplog):
+  root = write_root(tmp_path / "src", n=6, labels=False)
+  for name in ("t1", "t2"):  # one scanner stores 10x the values
+    path = f"{root}/sub-04/{name}.nii.gz"
+    img = nib.load(path)
+    _save((np.asarray(img.dataobj) * 10).astype(img.get_data_dtype()), path)
+  c = cfg(root, tmp_path / "data", labels_csv="", class_names=(),
+          split_fractions=(1.0, 0.0, 0.0))
+  with caplog.at_level(logging.WARNING):
+    nifti_folder.prepare(c)
+  assert "intensities differ more than 4x" in caplog.text
+  assert "sub-04 t1" in caplog.text and "sub-04 t2" in caplog.text
+  assert "sub-01" not in caplog.text.split("volume_norm='none':")[1]
+  assert "data.volume_norm='zscore'" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    nifti_folder.prepare(cfg(root, tmp_path / "data2", labels_csv="",
+                             class_names=(), volume_norm="zscore",
+                             split_fractions=(1.0, 0.0, 0.0)))
+  assert "intensities differ" not in caplog.text

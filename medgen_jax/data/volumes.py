@@ -8,10 +8,12 @@ slices, resized 3D volumes or 3D patches of a fixed size.
 """
 
 import dataclasses
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 import nibabel as nib
 import numpy as np
+from absl import logging
 
 from medgen_jax.data import preprocess
 from medgen_jax.data.builder_lib import file_error
@@ -166,6 +168,62 @@ def _fit(x: np.ndarray, spacing: Sequence[float], res: int, pad_value: float,
   if keep_aspect:
     x = preprocess.pad_to_extent(x, spacing, pad_value)
   return preprocess.resize(x, (res,) * x.ndim, nearest=nearest)
+
+
+# Volumes whose bright end differs from the median volume's by more than this
+# factor are named when volume_norm="none" leaves intensities as stored.
+INTENSITY_SPREAD = 4.0
+
+
+def bright_level(scan: Scan) -> float:
+  """The 99.5th percentile of a volume's positive voxels (every 7th voxel:
+  a level, not an exact statistic)."""
+  x = np.asarray(scan.data, np.float32).ravel()[::7]
+  x = x[np.isfinite(x) & (x > 0)]
+  return float(np.percentile(x, 99.5)) if x.size else 0.0
+
+
+def intensity_outliers(levels: Mapping[str, Mapping[str, float]],
+                       skip: Sequence[str] = ()) -> List[str]:
+  """``"subject modality (level vs median)"`` for every volume whose
+  :func:`bright_level` is more than :data:`INTENSITY_SPREAD` times away
+  from its modality's median; ``levels`` is ``{subject: {modality:
+  level}}``, modalities in ``skip`` (CT, in HU) are not checked."""
+  out = []
+  modalities = sorted({m for v in levels.values() for m in v} - set(skip))
+  for m in modalities:
+    values = {s: v[m] for s, v in levels.items() if v.get(m, 0) > 0}
+    if len(values) < 3:
+      continue
+    median = float(np.median(list(values.values())))
+    for subject, level in sorted(values.items()):
+      ratio = level / median
+      if ratio > INTENSITY_SPREAD or ratio < 1 / INTENSITY_SPREAD:
+        out.append(f"{subject} {m} ({level:.4g} vs median {median:.4g})")
+  return out
+
+
+def ct_names(levels: Mapping[str, Mapping[str, float]]) -> List[str]:
+  """The modalities named as CT (``ct``, ``ct_arterial``, ...)."""
+  return sorted({m for v in levels.values() for m in v
+                 if m.lower().startswith("ct")})
+
+
+def warn_intensity_outliers(levels: Mapping[str, Mapping[str, float]],
+                            cfg: "VolumeSettings",
+                            skip: Sequence[str] = ()) -> None:
+  """Logs the :func:`intensity_outliers` of a data set built with
+  ``volume_norm="none"`` (MR has no absolute units: volumes from other
+  scanners come out nearly black or saturated)."""
+  if cfg.volume_norm != "none":
+    return
+  outliers = intensity_outliers(levels, skip)
+  if outliers:
+    logging.warning(
+        "intensities differ more than %gx between volumes with "
+        "data.volume_norm='none': %s; set data.volume_norm='zscore' (or "
+        "'minmax') to normalise each volume", INTENSITY_SPREAD,
+        "; ".join(outliers[:10]) + (" ..." if len(outliers) > 10 else ""))
 
 
 def prepare_subject(images: Mapping[str, Scan], mask: Optional[Scan],

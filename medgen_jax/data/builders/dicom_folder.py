@@ -560,6 +560,8 @@ class DicomFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, settings: DicomSettings, has_mask: bool,  # pylint: disable=redefined-outer-name
                subjects: Sequence[Subject] = (), **kwargs):
     self._settings = settings
+    self._levels: Dict[str, Dict[str, float]] = {}
+    self._num_subjects = 0
     self._has_mask = has_mask
     self._subjects = tuple(subjects)
     super().__init__(file_format=tfds.core.FileFormat.ARRAY_RECORD, **kwargs)
@@ -587,6 +589,8 @@ class DicomFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                               root=s.root, segments={})
     by_name = {x.name: x for x in self._subjects}
     ids = {n: i for i, n in enumerate(sorted(names))}
+    # Every volume's bright level, checked once all splits are written.
+    self._levels, self._num_subjects = {}, len(names)
     return {split: self._generate_examples(split, [by_name[n] for n in sel],
                                            labels, ids)
             for split, sel in splits.items()}
@@ -596,6 +600,8 @@ class DicomFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     count = 0
     for subject in subjects:
       images = {f: read_series(x) for f, x in subject.series.items()}
+      self._levels[subject.name] = {m: volumes.bright_level(x)
+                                    for m, x in images.items()}
       mask = None
       if subject.seg:
         ref = next(x for x in subject.series.values()
@@ -612,6 +618,10 @@ class DicomFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     builder_lib.require_examples(
         count, split, f"subjects {[x.name for x in subjects]} gave no "
         "slices/patches above data.min_foreground; lower it")
+    if len(self._levels) == self._num_subjects:
+      # CT is in Hounsfield units: its levels are meant to be absolute.
+      volumes.warn_intensity_outliers(self._levels, s.volume,
+                                      skip=volumes.ct_names(self._levels))
 
 
 def load_builder(data_cfg) -> tfds.core.DatasetBuilder:

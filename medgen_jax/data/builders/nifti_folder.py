@@ -276,6 +276,8 @@ class NiftiFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, settings: NiftiSettings,  # pylint: disable=redefined-outer-name
                subjects: Sequence[Subject] = (), **kwargs):
     self._settings = settings
+    self._levels: Dict[str, Dict[str, float]] = {}
+    self._num_subjects = 0
     self._subjects = tuple(subjects)
     super().__init__(file_format=tfds.core.FileFormat.ARRAY_RECORD, **kwargs)
 
@@ -300,6 +302,8 @@ class NiftiFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                               root=s.root)
     by_name = {x.name: x for x in self._subjects}
     ids = {n: i for i, n in enumerate(sorted(names))}
+    # Every volume's bright level, checked once all splits are written.
+    self._levels, self._num_subjects = {}, len(names)
     return {split: self._generate_examples(split, [by_name[n] for n in sel],
                                            labels, ids)
             for split, sel in splits.items()}
@@ -309,6 +313,8 @@ class NiftiFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     count = 0
     for subject in subjects:
       images = {m: read_scan(p) for m, p in subject.images.items()}
+      self._levels[subject.name] = {m: volumes.bright_level(x)
+                                    for m, x in images.items()}
       mask = (read_scan(subject.mask, s.mask_values)
               if subject.mask else None)
       for key, ex in volumes.subject_examples(
@@ -320,6 +326,10 @@ class NiftiFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     builder_lib.require_examples(
         count, split, f"subjects {[x.name for x in subjects]} gave no "
         "slices/patches above data.min_foreground; lower it")
+    if len(self._levels) == self._num_subjects:
+      # CT is in Hounsfield units: its levels are meant to be absolute.
+      volumes.warn_intensity_outliers(self._levels, s.volume,
+                                      skip=volumes.ct_names(self._levels))
 
 
 def load_builder(data_cfg, subjects: Sequence[Subject] = ()
