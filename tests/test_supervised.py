@@ -26,6 +26,7 @@ class _SignTask:
   name: str = "sign"
   model: nn.Module = _Linear()
   primary: str = "accuracy"
+  maximize: bool = True
 
   def x(self, batch):
     return batch["x"]

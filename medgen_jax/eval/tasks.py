@@ -53,6 +53,11 @@ class Task:
   model: nn.Module
   primary: str
 
+  @property
+  def maximize(self) -> bool:
+    """Whether a larger :attr:`primary` is better."""
+    return higher_is_better(self.primary)
+
   def x(self, batch: Batch) -> jax.Array:
     """Network input ``[B, *spatial, len(inputs)]``."""
     return batch["image"][..., list(self.inputs)]

@@ -24,7 +24,6 @@ import numpy as np
 
 from medgen_jax import errors
 from medgen_jax import runtime
-from medgen_jax.eval import tasks as tasks_lib
 from medgen_jax.train import sharding as sharding_lib
 from medgen_jax.train.optim import make_optimizer
 from medgen_jax.train.state import TrainState, apply_gradients, create_state
@@ -52,6 +51,11 @@ class Task(Protocol):
 
   def predict(self, outputs: jax.Array) -> jax.Array:
     """Predictions from the network's raw ``outputs``."""
+
+  # For model selection only: the metric of ``score`` to select on, and
+  # whether larger is better.
+  primary: str
+  maximize: bool
 
   def score(self, pred: np.ndarray, batch: Dict[str, np.ndarray]
             ) -> Dict[str, float]:
@@ -191,7 +195,7 @@ def _validation_score(fitter: Fitter, params: Any,
   value = float(scores[task.primary])
   if not np.isfinite(value):
     return -np.inf
-  return value if tasks_lib.higher_is_better(task.primary) else -value
+  return value if task.maximize else -value
 
 
 def fit(fitter: Fitter, keys: Sequence[jax.Array], data: Sequence[PyTree],
@@ -250,7 +254,7 @@ def fit(fitter: Fitter, keys: Sequence[jax.Array], data: Sequence[PyTree],
           best = (score, (call + 1) * cfg.steps_per_call,
                   jax.device_get(state.params))
     if best is not None:
-      sign = 1 if tasks_lib.higher_is_better(fitter.task.primary) else -1
+      sign = 1 if fitter.task.maximize else -1
       state = state.replace(params=jax.device_put(best[2], replicated))
       selected.append({"step": best[1], "score": sign * best[0],
                        "curve": [sign * c for c in curve]})
