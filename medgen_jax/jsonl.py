@@ -1,4 +1,5 @@
-"""JSON-lines files (``metrics.jsonl``, ``results.jsonl``) that survive kills.
+"""JSON-lines files (``metrics.jsonl``, ``results.jsonl``) that survive kills,
+and single JSON files written the same way.
 
 A process killed mid-write leaves a cut last line; readers skip such lines
 and rewrites go through a temporary file, so a file is never half-rewritten.
@@ -43,3 +44,24 @@ def rewrite(path: str, keep: Callable[[Record], bool],
   with open(tmp, "w") as f:
     f.writelines(kept)
   os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any, default: Callable[[Any], Any] = str
+               ) -> None:
+  """``obj`` as indented, key-sorted JSON, atomically (through a temporary
+  file): a kill leaves the old file or the new one."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=default)
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Dict[str, Any]:
+  """The JSON object in ``path``; ``{}`` when it is absent, unreadable or
+  not an object (for caches, which are then computed again)."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return obj if isinstance(obj, dict) else {}

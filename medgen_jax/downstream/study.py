@@ -434,11 +434,7 @@ def classical_strengths(config: ml_collections.ConfigDict, workdir: str,
   if not grid or not task_names:
     return {}
   path = os.path.join(workdir, CLASSICAL_STRENGTH)
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
-    saved = {}  # absent or damaged: a cache
+  saved = jsonl.read_json(path)  # a cache: absent or damaged is empty
   data_keys = ["image", "label"] + [
       k for k in (mask_key(config),) if k in train]
   out = {}
@@ -466,10 +462,7 @@ def classical_strengths(config: ml_collections.ConfigDict, workdir: str,
     out[name] = dict(strengths=grid, scores=scores, chosen=grid[best],
                      metric=fitter.task.primary, key=key)
     saved[name] = out[name]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(saved, f, indent=1)
-    os.replace(tmp, path)
+    jsonl.write_json(path, saved)
   return out
 
 
@@ -772,14 +765,6 @@ def paired_deltas(results: List[Dict[str, Any]]) -> None:
       r[key] = summarize_paired(diffs, tasks_lib.metric_range(m))
 
 
-def _read_json(path: str) -> Dict[str, Any]:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
-
-
 def _metric_validation(config: ml_collections.ConfigDict, workdir: str,
                        enc: encoder_lib.Encoder,
                        real: Dict[str, Arrays]) -> Dict[str, Any]:
@@ -791,20 +776,13 @@ def _metric_validation(config: ml_collections.ConfigDict, workdir: str,
              evals=config.evals.generative.to_dict(),
              splits=[config.data.eval_split, config.study.test_split])
   key = json.loads(json.dumps(key, sort_keys=True, default=str))
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-    if saved.get("key") == key:
-      return saved["validation"]
-  except (OSError, ValueError):
-    pass  # absent or damaged: a cache, computed again
+  saved = jsonl.read_json(path)  # a cache: absent or damaged is empty
+  if saved.get("key") == key and "validation" in saved:
+    return saved["validation"]
   validation = metric_validation.validate(
       enc, real[config.data.train_split], real[config.data.eval_split],
       real[config.study.test_split], config.evals.generative)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(dict(key=key, validation=validation), f, indent=1)
-  os.replace(tmp, path)
+  jsonl.write_json(path, dict(key=key, validation=validation))
   return validation
 
 
@@ -858,7 +836,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                              for k, v in gens.items()},
                  generator_metrics=gen_metrics, encoder_card=enc.card,
                  metric_validation=validation, data_notes=notes,
-                 classical_strength=_read_json(
+                 classical_strength=jsonl.read_json(
                      os.path.join(workdir, CLASSICAL_STRENGTH)),
                  timings=timings, real=real, synthetic=synthetic)
   paths = report.write(summary)

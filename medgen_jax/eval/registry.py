@@ -983,13 +983,6 @@ def _json_default(x):
   return str(x)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-  os.replace(tmp, path)
-
-
 def _replace_jsonl(path: str, record: Dict[str, Any]) -> None:
   """Appends ``record``, dropping an older line of the same step and split
   (an evaluation repeated at one checkpoint replaces the old numbers)."""
@@ -1015,11 +1008,11 @@ def write_result(workdir: str, evaluator: Evaluator, step: int,
   path = record_path(workdir, name, step)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _write_json(path, dict(
+    jsonl.write_json(path, dict(
         name=name, type=evaluator.type, step=step, metrics=result.metrics,
         details=result.details, card=result.card,
         fields=evaluator.fields.to_dict(), seconds=seconds,
-        time=time.strftime("%Y-%m-%dT%H:%M:%S")))
+        time=time.strftime("%Y-%m-%dT%H:%M:%S")), default=_json_default)
     _replace_jsonl(os.path.join(workdir, JSONL),
                    {"step": step, "split": f"eval/{name}", **result.metrics})
   if writer is not None:

@@ -234,13 +234,6 @@ def checkpoint_meta(exp: Experiment) -> Dict[str, Any]:
   return meta
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
-
-
 def changed_settings(config_path: str, config: ml_collections.ConfigDict,
                      show: int = 8) -> str:
   """``"model.ch 16 -> 8, ..."``: the keys of ``config`` that differ from the
@@ -381,9 +374,9 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
         "new --workdir, or the checkpoint's settings.") from None
   # Written once the checkpoint is known to fit: a refused resume keeps the
   # record of the settings that produced it.
-  _write_json(config_path, config.to_dict())
+  jsonl.write_json(config_path, config.to_dict())
   meta = checkpoint_meta(exp)
-  _write_json(os.path.join(workdir, "data_stats.json"), meta)
+  jsonl.write_json(os.path.join(workdir, "data_stats.json"), meta)
   jsonl = os.path.join(workdir, "metrics.jsonl")
   _truncate_jsonl(jsonl, start)
 
@@ -403,7 +396,7 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
 
   train_step = jit_train_step(exp)
   if exp.frozen is not None:
-    _write_json(os.path.join(workdir, "frozen_inputs.json"),
+    jsonl.write_json(os.path.join(workdir, "frozen_inputs.json"),
                 exp.frozen.record)
   # Built once (reads data, loads or trains the in-domain encoder); only
   # evaluators with every_steps > 0 run during training.
