@@ -377,8 +377,8 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
   jsonl.write_json(config_path, config.to_dict())
   meta = checkpoint_meta(exp)
   jsonl.write_json(os.path.join(workdir, "data_stats.json"), meta)
-  jsonl = os.path.join(workdir, "metrics.jsonl")
-  _truncate_jsonl(jsonl, start)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  _truncate_jsonl(metrics_path, start)
 
   # clu's writers and periodic actions import TensorFlow (~650 MB, seconds):
   # only a training run needs them, not the benchmark or sampling.
@@ -439,7 +439,8 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
                   f"{workdir}; lower optim.lr, keep optim.grad_clip > 0, or "
                   "check the data normalisation.")
             writer.write_scalars(step, last)
-            _append_jsonl(jsonl, {"step": step, "split": "train", **last})
+            _append_jsonl(metrics_path, {"step": step, "split": "train",
+                                         **last})
           if step % tc.ckpt_every == 0 or step == tc.num_steps:
             with report.timed("checkpoint"):
               checkpoint.save(mngr, step, state_lib.for_checkpoint(state),
