@@ -157,7 +157,9 @@ def _volume_keys(**overrides: Any) -> Dict[str, Any]:
       foreground_threshold=0.05,  # fraction of the [p0.5, p99.5] range
       min_foreground=0.05,        # drop slices/patches with less foreground
       keep_aspect=True,           # pad to a square/cube before resizing
-      volume_norm="none",         # per-volume: none | zscore | minmax
+      # per-volume: auto (minmax for MR, HU kept for CT) | none | zscore |
+      # minmax
+      volume_norm="auto",
       volume_percentiles=(0.5, 99.5),
       split_seed=0,
       split_fractions=(0.7, 0.15, 0.15),
@@ -289,7 +291,8 @@ def image_folder_data_config(*, root: str, labels_csv: str = "",
                              batch_size: int = 32, cond: str = "",
                              data_dir: str = "", **keys: Any
                              ) -> ml_collections.ConfigDict:
-  """The ``data`` section of an ``image_folder`` data set (PNG/JPEG/TIFF).
+  """The ``data`` section of an ``image_folder`` data set (PNG/JPEG/TIFF,
+  2D DICOM).
 
   Args:
     root: folder with the images.
@@ -305,12 +308,18 @@ def image_folder_data_config(*, root: str, labels_csv: str = "",
       ``blue``).
     **keys: ``images_glob``, ``file_column``, ``label_column``,
       ``subject_column``, ``keep_aspect``, ``split_seed``,
-      ``split_fractions``.
+      ``split_fractions``; for DICOM files ``dicom_window`` (``auto``:
+      the header's VOI window to [0, 1], CT kept in HU; ``header``;
+      ``none``; or ``"center/width"``), ``dicom_frames`` (cine loops:
+      ``refuse``, ``split`` into images, or the ``middle`` frame) and
+      ``subject_tag`` (the attribute naming the patient, so a patient's
+      images share a split; "" makes every image its own subject).
   """
   defaults = dict(images_glob="**/*", file_column="file",
                   label_column="label", subject_column="subject",
                   keep_aspect=True, split_seed=0,
-                  split_fractions=(0.7, 0.15, 0.15))
+                  split_fractions=(0.7, 0.15, 0.15), dicom_window="auto",
+                  dicom_frames="refuse", subject_tag="PatientID")
   unknown = sorted(set(keys) - set(defaults))
   if unknown:
     raise ValueError(f"unknown data key(s) {unknown}; known: "

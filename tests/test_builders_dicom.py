@@ -5,11 +5,11 @@ import os
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.pixels import pack_bits
-from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian,
-                         generate_uid)
+from pydicom.uid import CTImageStorage, generate_uid
 
+import dicom_files
 from configs import common
 from medgen_jax.data import pipeline
 from medgen_jax.data.builder_lib import DataError
@@ -19,17 +19,6 @@ ROWS, COLS, SLICES = 10, 12, 5
 SPACING = (0.8, 0.7)   # PixelSpacing: row spacing, column spacing (mm)
 STEP = 2.5             # slice spacing (mm)
 SEG_SOP = dicom_folder.SEG_SOP_CLASS
-
-
-def _file(ds, sop_class, path):
-  meta = FileMetaDataset()
-  meta.MediaStorageSOPClassUID = sop_class
-  meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  ds.file_meta = meta
-  ds.SOPClassUID = sop_class
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  ds.save_as(path, enforce_file_format=True)
 
 
 def ct_values(k):
@@ -68,7 +57,7 @@ def write_series(folder, patient, description="CT HEAD", slices=SLICES,
     stored = np.round((ct_values(int(k)) - intercept) / slope)
     ds.PixelData = stored.astype(np.int16).tobytes()
     path = os.path.join(folder, f"IM{int(k):04d}.dcm")
-    _file(ds, CTImageStorage, path)
+    dicom_files.save(ds, CTImageStorage, path)
     out.append((int(k), ds.SOPInstanceUID, ds.ImagePositionPatient, path))
   return uid, [x[1:] for x in sorted(out)]
 
@@ -128,7 +117,7 @@ def write_seg(path, series_uid, slices, patient, by_position=False,
   ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
   ds.PixelRepresentation = 0
   ds.PixelData = pack_bits(np.stack(frames))
-  _file(ds, SEG_SOP, path)
+  dicom_files.save(ds, SEG_SOP, path)
 
 
 def write_root(root, n=3, seg=True, by_position=False):

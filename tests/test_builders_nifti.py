@@ -96,9 +96,10 @@ def test_slices_masks_labels_and_split_by_subject(built):
   # Empty slices (z=0 and z=5 have no foreground) are filtered.
   idx = np.concatenate([a["slice_index"] for a in splits.values()])
   assert set(idx) == {1, 2, 3, 4}
-  # t2 was stored as int16 = 2 * t1: integer input keeps its units.
+  # volume_norm="auto": each MR volume's foreground p0.5/p99.5 -> [0, 1].
   a = splits["train"]
-  np.testing.assert_allclose(a["t2"].max(), 2 * a["t1"].max(), rtol=0.02)
+  assert a["t1"].min() >= 0 and a["t2"].max() <= 1
+  np.testing.assert_allclose(a["t2"].max(), a["t1"].max(), rtol=0.02)
 
 
 def test_same_settings_reuse_the_build_and_new_settings_get_a_new_dir(built):
@@ -400,7 +401,18 @@ def test_config_errors_name_the_key():
     config_check.validate(c)
 
 
-def test_volumes_ten_times_brighter_are_named_with_volume_norm_none(
+def _subject_levels(c):
+  """Each subject's brightest t1 value in the built data set."""
+  out = {}
+  for split in pipeline.prepare(c).info.splits:
+    a = pipeline.read_split(c, split)
+    for name, x in zip(a["subject"], a["t1"]):
+      name = name.decode() if isinstance(name, bytes) else str(name)
+      out[name] = max(out.get(name, -np.inf), float(x.max()))
+  return out
+
+
+def test_volumes_ten_times_brighter_named_with_none_and_evened_by_auto(
     tmp_path, caplog):
   root = write_root(tmp_path / "src", n=6, labels=False)
   for name in ("t1", "t2"):  # one scanner stores 10x the values
@@ -408,16 +420,23 @@ def test_volumes_ten_times_brighter_are_named_with_volume_norm_none(
     img = nib.load(path)
     _save((np.asarray(img.dataobj) * 10).astype(img.get_data_dtype()), path)
   c = cfg(root, tmp_path / "data", labels_csv="", class_names=(),
-          split_fractions=(1.0, 0.0, 0.0))
+          split_fractions=(1.0, 0.0, 0.0), volume_norm="none")
   with caplog.at_level(logging.WARNING):
     nifti_folder.prepare(c)
   assert "intensities differ more than 4x" in caplog.text
   assert "sub-04 t1" in caplog.text and "sub-04 t2" in caplog.text
   assert "sub-01" not in caplog.text.split("volume_norm='none':")[1]
-  assert "data.volume_norm='zscore'" in caplog.text
+  assert "data.volume_norm='auto'" in caplog.text
+  # "none" keeps the stored units: sub-04 is ten times brighter.
+  raw = _subject_levels(c)
+  others = np.median([v for k, v in raw.items() if k != "sub-04"])
+  np.testing.assert_allclose(raw["sub-04"] / others, 10, rtol=0.1)
   caplog.clear()
+  c = cfg(root, tmp_path / "data2", labels_csv="", class_names=(),
+          split_fractions=(1.0, 0.0, 0.0))   # volume_norm="auto"
   with caplog.at_level(logging.WARNING):
-    nifti_folder.prepare(cfg(root, tmp_path / "data2", labels_csv="",
-                             class_names=(), volume_norm="zscore",
-                             split_fractions=(1.0, 0.0, 0.0)))
+    nifti_folder.prepare(c)
   assert "intensities differ" not in caplog.text
+  # Each volume in [0, 1] (resizing smooths the brightest voxels a bit).
+  levels = np.asarray(list(_subject_levels(c).values()))
+  assert levels.max() <= 1 and levels.max() / levels.min() < 1.3

@@ -19,6 +19,7 @@ from medgen_jax.data import preprocess
 from medgen_jax.data.builder_lib import file_error
 
 VOLUME_MODES = ("resize", "patches")
+VOLUME_NORMS = ("auto",) + preprocess.VOLUME_NORMS
 LABEL_SOURCES = ("csv", "mask", "none")
 
 
@@ -46,8 +47,10 @@ class VolumeSettings:
       keeps all.
     keep_aspect: pad to equal physical extents before resizing, so anatomy
       is not stretched; False stretches each axis to ``res``.
-    volume_norm: per-volume normalisation over the foreground: ``none``,
-      ``zscore`` or ``minmax`` (percentiles -> [0, 1]).
+    volume_norm: per-volume normalisation over the foreground: ``auto``
+      (``minmax`` for MR and other unitless modalities, ``none`` for CT,
+      which stays in Hounsfield units), ``none``, ``zscore`` or ``minmax``
+      (percentiles -> [0, 1]).
     volume_percentiles: percentiles of ``minmax`` volume normalisation.
   """
 
@@ -62,7 +65,7 @@ class VolumeSettings:
   foreground_threshold: float = 0.05
   min_foreground: float = 0.05
   keep_aspect: bool = True
-  volume_norm: str = "none"
+  volume_norm: str = "auto"
   volume_percentiles: Tuple[float, ...] = (0.5, 99.5)
 
   def problems(self) -> Sequence[str]:
@@ -90,9 +93,9 @@ class VolumeSettings:
     if not 0 <= self.min_foreground <= 1:
       out.append(f"data.min_foreground={self.min_foreground} must be in "
                  "[0, 1]")
-    if self.volume_norm not in preprocess.VOLUME_NORMS:
+    if self.volume_norm not in VOLUME_NORMS:
       out.append(f"data.volume_norm={self.volume_norm!r} must be one of "
-                 f"{preprocess.VOLUME_NORMS}")
+                 f"{VOLUME_NORMS}")
     return out
 
   @property
@@ -214,20 +217,32 @@ def warn_intensity_outliers(levels: Mapping[str, Mapping[str, float]],
                             skip: Sequence[str] = ()) -> None:
   """Logs the :func:`intensity_outliers` of a data set built with
   ``volume_norm="none"`` (MR has no absolute units: volumes from other
-  scanners come out nearly black or saturated)."""
+  scanners come out nearly black or saturated; ``auto`` normalises them)."""
   if cfg.volume_norm != "none":
     return
   outliers = intensity_outliers(levels, skip)
   if outliers:
     logging.warning(
         "intensities differ more than %gx between volumes with "
-        "data.volume_norm='none': %s; set data.volume_norm='zscore' (or "
-        "'minmax') to normalise each volume", INTENSITY_SPREAD,
+        "data.volume_norm='none': %s; set data.volume_norm='auto' (or "
+        "'zscore') to normalise each volume", INTENSITY_SPREAD,
         "; ".join(outliers[:10]) + (" ..." if len(outliers) > 10 else ""))
 
 
+def volume_norm(cfg: VolumeSettings, modality: str,
+                ct: Sequence[str]) -> str:
+  """The per-volume normalisation of ``modality``: ``auto`` keeps CT (the
+  modalities in ``ct``) in Hounsfield units and maps every other volume's
+  foreground percentiles to [0, 1] (MR has no absolute units: scanners and
+  protocols differ by orders of magnitude)."""
+  if cfg.volume_norm != "auto":
+    return cfg.volume_norm
+  return "none" if modality in ct else "minmax"
+
+
 def prepare_subject(images: Mapping[str, Scan], mask: Optional[Scan],
-                    cfg: VolumeSettings, reorient: bool = True
+                    cfg: VolumeSettings, reorient: bool = True,
+                    ct: Optional[Sequence[str]] = None
                     ) -> Tuple[Dict[str, np.ndarray], Optional[np.ndarray],
                                np.ndarray, Tuple[float, ...]]:
   """Reorients, resamples, normalises and orders volumes for display.
@@ -237,6 +252,7 @@ def prepare_subject(images: Mapping[str, Scan], mask: Optional[Scan],
     mask: label map scan (uint8 after value mapping) or None.
     cfg: the geometry settings.
     reorient: to RAS (``nibabel.as_closest_canonical``).
+    ct: the modalities in Hounsfield units (default: those named ``ct*``).
 
   Returns:
     ``(images {m: [S, R, C] float32}, mask [S, R, C] uint8 or None,
@@ -266,7 +282,8 @@ def prepare_subject(images: Mapping[str, Scan], mask: Optional[Scan],
   fg = np.zeros(next(iter(out.values())).shape, bool)
   for x in out.values():
     fg |= preprocess.foreground(x, cfg.foreground_threshold)
-  out = {k: preprocess.normalize_volume(x, cfg.volume_norm, fg,
+  ct = ct_names({"": out}) if ct is None else ct
+  out = {k: preprocess.normalize_volume(x, volume_norm(cfg, k, ct), fg,
                                         cfg.volume_percentiles)
          for k, x in out.items()}
   return (out, labels, fg,
@@ -286,7 +303,8 @@ def _crop(arrays: Dict[str, np.ndarray], labels: Optional[np.ndarray],
 
 def subject_examples(images: Mapping[str, Scan], mask: Optional[Scan],
                      cfg: VolumeSettings, *, subject: str, subject_id: int,
-                     label: int, label_source: str, reorient: bool = True
+                     label: int, label_source: str, reorient: bool = True,
+                     ct: Optional[Sequence[str]] = None
                      ) -> Iterator[Tuple[str, Dict[str, Any]]]:
   """(key, example) pairs of one subject.
 
@@ -296,7 +314,8 @@ def subject_examples(images: Mapping[str, Scan], mask: Optional[Scan],
   any labelled voxel), ``subject_id``, ``subject`` and ``slice_index`` (-1
   for volumes and patches; patches also carry ``patch_origin``).
   """
-  arrays, labels, fg, spacing = prepare_subject(images, mask, cfg, reorient)
+  arrays, labels, fg, spacing = prepare_subject(images, mask, cfg, reorient,
+                                                ct)
   if cfg.crop_foreground:
     axes = (1, 2) if cfg.spatial_dims == 2 else (0, 1, 2)
     arrays, labels, fg = _crop(arrays, labels, fg, cfg, axes)

@@ -8,19 +8,24 @@ SeriesDescription (case-insensitive); each subject needs exactly one
 matching series per feature, and a subject's series must share one voxel
 grid (checked), so several contrasts become co-registered channels.
 
-Slices are sorted by ImagePositionPatient along the slice normal (the cross
-product of the ImageOrientationPatient directions); duplicated positions and
-gaps (a missing slice) are errors. RescaleSlope/RescaleIntercept are applied
-per slice, so CT is in Hounsfield units; CT windows are applied in the input
-pipeline (``data.contrasts=("ct:brain",)`` or ``data.windows``). A DICOM-SEG
-object referencing a selected series becomes the ``mask`` feature (voxel =
-segment number; a later segment wins where segments overlap); frames are
-matched to slices by ReferencedSOPInstanceUID, or by position when a frame
-has none. Volumes then go through :mod:`medgen_jax.data.volumes` (RAS,
-resampling, slices / volumes / patches), as NIfTI volumes do.
+A series is either classic (one file per slice) or enhanced (one
+multi-frame file whose per-frame functional groups give each frame's
+position, orientation, spacing and rescale). Slices are sorted by
+ImagePositionPatient along the slice normal (the cross product of the
+ImageOrientationPatient directions); duplicated positions and gaps (a
+missing slice) are errors, checked only for the series the config selects.
+RescaleSlope/RescaleIntercept are applied per slice, so CT is in Hounsfield
+units; CT windows are applied in the input pipeline
+(``data.contrasts=("ct:brain",)`` or ``data.windows``). A DICOM-SEG object
+referencing a selected series becomes the ``mask`` feature (voxel = segment
+number; a later segment wins where segments overlap); frames are matched to
+slices by ReferencedSOPInstanceUID (and ReferencedFrameNumber), or by
+position when a frame has none. Volumes then go through
+:mod:`medgen_jax.data.volumes` (RAS, resampling, slices / volumes /
+patches), as NIfTI volumes do.
 
-Enhanced (multi-frame) CT/MR images are not read: convert them to NIfTI
-(e.g. dcm2niix) and use ``nifti_folder``.
+2D images (radiographs, mammograms, ultrasound, cine loops: no slice
+geometry) are read by the ``image_folder`` builder.
 """
 
 import dataclasses
@@ -35,6 +40,7 @@ from absl import logging
 from pydicom.errors import InvalidDicomError
 
 from medgen_jax.data import builder_lib
+from medgen_jax.data import dicom_images
 from medgen_jax.data import volumes
 from medgen_jax.data.builder_lib import DataError, file_error
 
@@ -91,6 +97,15 @@ class Slice:
   shape: Tuple[int, int]  # (Rows, Columns)
   # The attributes that tell the images of a 4D series apart.
   dims: Tuple[Tuple[str, str], ...] = ()
+  # Enhanced multi-frame images: the frame (0-based) and its own
+  # (RescaleSlope, RescaleIntercept); -1 and None for one image per file.
+  frame: int = -1
+  rescale: Optional[Tuple[float, float]] = None
+
+  @property
+  def key(self) -> str:
+    """The instance (and frame) a DICOM-SEG frame refers to."""
+    return self.sop_uid if self.frame < 0 else f"{self.sop_uid}#{self.frame + 1}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +116,10 @@ class Series:
   description: str
   subject: str
   slices: Tuple[Slice, ...]
+  modality: str = ""
+  # Why the series cannot be a volume (e.g. 2D images without geometry);
+  # raised only when the config selects it.
+  problem: Optional[Tuple[str, str]] = None  # (path, message)
 
   @property
   def folder(self) -> str:
@@ -189,12 +208,15 @@ def _tag(ds: pydicom.Dataset, name: str, path: str) -> Any:
 
 
 def _slice(ds: pydicom.Dataset, path: str) -> Slice:
+  """A classic (one image per file) slice from its header."""
+  if ds.get("ImagePositionPatient") in (None, ""):
+    raise file_error(path, (
+        f"no ImagePositionPatient: a 2D image (Modality "
+        f"{ds.get('Modality', '?')}: radiograph, mammogram, ultrasound, "
+        "secondary capture) or a slice without geometry; read 2D DICOM "
+        "images with the image_folder builder"))
   for name in _IMAGE_TAGS:
     _tag(ds, name, path)
-  if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-    raise file_error(path, "enhanced multi-frame images are not supported; "
-                     "convert the series to NIfTI (e.g. dcm2niix) and use "
-                     "nifti_folder")
   return Slice(path, str(ds.SOPInstanceUID),
                np.asarray(ds.ImagePositionPatient, np.float64),
                np.asarray(ds.ImageOrientationPatient, np.float64),
@@ -204,11 +226,92 @@ def _slice(ds: pydicom.Dataset, path: str) -> Slice:
                      if ds.get(k) not in (None, "")))
 
 
+def num_frames(ds: pydicom.Dataset) -> int:
+  return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+class FrameAttributes:
+  """A frame's attributes: those of its functional groups (its own, then
+  the shared ones) over the file's, for :func:`passes`."""
+
+  def __init__(self, own: Dict[str, Any], ds: pydicom.Dataset):
+    self._own, self._ds = own, ds
+
+  def get(self, name: str, default: Any = None) -> Any:
+    if name in self._own:
+      return self._own[name]
+    return self._ds.get(name, default)
+
+
+# Per-frame attributes of enhanced images: (functional group, attribute).
+_FRAME_ATTRIBUTES = (
+    ("FrameContentSequence", "TemporalPositionIndex"),
+    ("FrameContentSequence", "StackID"),
+    ("MREchoSequence", "EffectiveEchoTime"),
+    ("MRDiffusionSequence", "DiffusionBValue"),
+    ("MRImageFrameTypeSequence", "FrameType"),
+    ("CTImageFrameTypeSequence", "FrameType"),
+)
+
+
+def frame_slices(ds: pydicom.Dataset, path: str
+                 ) -> List[Tuple[Slice, FrameAttributes]]:
+  """The frames of an enhanced multi-frame image as slices.
+
+  Raises:
+    DataError: a multi-frame file without per-frame geometry (a cine
+      loop), or a frame without position, orientation or pixel spacing.
+  """
+  n = num_frames(ds)
+  groups = ds.get("PerFrameFunctionalGroupsSequence") or []
+  shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+  if not groups:
+    raise file_error(path, (
+        f"{n} frames without per-frame functional groups (a cine loop or "
+        "a 2D multi-frame image, not a volume): read it with the "
+        "image_folder builder (data.dicom_frames='split')"))
+  if len(groups) != n:
+    raise file_error(path, f"{len(groups)} per-frame functional groups for "
+                     f"{n} frames")
+  shape = (int(_tag(ds, "Rows", path)), int(_tag(ds, "Columns", path)))
+  sop = str(_tag(ds, "SOPInstanceUID", path))
+  out = []
+  for f, g in enumerate(groups):
+
+    def item(group: str, name: str, required: bool = True):
+      seq = _functional_group(g, shared, group) or []
+      value = seq[0].get(name) if seq else None
+      if required and value in (None, ""):
+        raise file_error(path, f"frame {f + 1} has no {name} (in its "
+                         f"per-frame or the shared {group})")
+      return value
+
+    slope = item("PixelValueTransformationSequence", "RescaleSlope", False)
+    intercept = item("PixelValueTransformationSequence", "RescaleIntercept",
+                     False)
+    own = {name: item(group, name, False)
+           for group, name in _FRAME_ATTRIBUTES}
+    own = {k: v for k, v in own.items() if v not in (None, "")}
+    sl = Slice(path, sop,
+               np.asarray(item("PlanePositionSequence",
+                               "ImagePositionPatient"), np.float64),
+               np.asarray(item("PlaneOrientationSequence",
+                               "ImageOrientationPatient"), np.float64),
+               tuple(float(v) for v in item("PixelMeasuresSequence",
+                                            "PixelSpacing")),
+               shape, tuple((k, _text(v)) for k, v in own.items()), f,
+               (float(1.0 if slope in (None, "") else slope),
+                float(0.0 if intercept in (None, "") else intercept)))
+    out.append((sl, FrameAttributes(own, ds)))
+  return out
+
+
 # Attributes whose values tell apart images at one position: echoes, time
 # points, magnitude/phase, b-values, repeated acquisitions.
-FOURTH_DIMENSION = ("EchoNumbers", "EchoTime", "TemporalPositionIdentifier",
-                    "TriggerTime", "ImageType", "DiffusionBValue",
-                    "AcquisitionNumber")
+FOURTH_DIMENSION = ("EchoNumbers", "EchoTime", "EffectiveEchoTime",
+                    "TemporalPositionIdentifier", "TemporalPositionIndex",
+                    "TriggerTime", "ImageType", "FrameType",
+                    "DiffusionBValue", "AcquisitionNumber", "StackID")
 
 
 def _text(value: Any) -> str:
@@ -217,9 +320,10 @@ def _text(value: Any) -> str:
   return str(value)
 
 
-def passes(ds: pydicom.Dataset, image_filter: Dict[str, Any]) -> bool:
-  """Whether an image has every attribute value of ``image_filter`` (text
-  values as case-insensitive globs, numbers compared as numbers)."""
+def passes(ds: Any, image_filter: Dict[str, Any]) -> bool:
+  """Whether an image (a dataset, or a frame's :class:`FrameAttributes`)
+  has every attribute value of ``image_filter`` (text values as
+  case-insensitive globs, numbers compared as numbers)."""
   for name, want in image_filter.items():
     got = ds.get(name)
     if got is None:
@@ -242,11 +346,15 @@ def _fourth_dimension(a: Slice, b: Slice) -> str:
   if not differ:
     return ""
   kinds = {"EchoNumbers": "multi-echo", "EchoTime": "multi-echo",
+           "EffectiveEchoTime": "multi-echo",
            "TemporalPositionIdentifier": "4D (time points)",
+           "TemporalPositionIndex": "4D (time points)",
            "TriggerTime": "4D (time points)",
            "ImageType": "mixed image types (e.g. magnitude and phase)",
+           "FrameType": "mixed image types (e.g. magnitude and phase)",
            "DiffusionBValue": "diffusion-weighted (several b-values)",
-           "AcquisitionNumber": "repeated acquisitions"}
+           "AcquisitionNumber": "repeated acquisitions",
+           "StackID": "several stacks"}
   k = differ[0]
   return (f"the series is {kinds[k]}: {k} is {da.get(k)!r} here and "
           f"{db.get(k)!r} there; select one with data.image_filter="
@@ -341,7 +449,8 @@ def scan_folder(s: DicomSettings, files: Sequence[str]
   """All image series and SEG objects among ``files`` (headers only)."""
   root = s.root
   groups: Dict[str, List[Slice]] = {}
-  info: Dict[str, Tuple[str, str]] = {}
+  info: Dict[str, Tuple[str, str, str]] = {}
+  problems: Dict[str, Tuple[str, str]] = {}
   segs = []
   for rel in files:
     path = os.path.join(root, rel)
@@ -356,13 +465,25 @@ def scan_folder(s: DicomSettings, files: Sequence[str]
       continue
     if "PixelData" not in ds and ds.get("Rows") is None:
       continue  # e.g. structured reports or presentation states.
-    if not passes(ds, s.image_filter):
+    # Frames of an enhanced file are filtered one by one (below).
+    if num_frames(ds) == 1 and not passes(ds, s.image_filter):
       continue
-    sl = _slice(ds, path)
-    uid = str(ds.SeriesInstanceUID)
-    groups.setdefault(uid, []).append(sl)
+    uid = str(_tag(ds, "SeriesInstanceUID", path))
     info[uid] = (str(ds.get("SeriesDescription", "")),
-                 str(_tag(ds, s.subject_tag, path)))
+                 str(_tag(ds, s.subject_tag, path)),
+                 str(ds.get("Modality", "")))
+    group = groups.setdefault(uid, [])
+    # A series that cannot be a volume (a 2D image, a cine loop) is named
+    # only if the config selects it: a dose report or a screenshot beside
+    # the CT must not stop the folder.
+    try:
+      if num_frames(ds) > 1:
+        group += [sl for sl, attrs in frame_slices(ds, path)
+                  if passes(attrs, s.image_filter)]
+      else:
+        group.append(_slice(ds, path))
+    except DataError as e:
+      problems.setdefault(uid, (path, str(e)))
   if not groups:
     raise DataError(f"{root}: no DICOM image series found ({len(files)} "
                     "files)" + (f" whose images pass data.image_filter="
@@ -370,7 +491,8 @@ def scan_folder(s: DicomSettings, files: Sequence[str]
                                 else ""))
   # Sorted and checked only once selected: a series the config does not
   # use (a 4D one, a scout) must not stop the folder.
-  series = [Series(uid, info[uid][0], info[uid][1], tuple(sl))
+  series = [Series(uid, info[uid][0], info[uid][1], tuple(sl), info[uid][2],
+                   problems.get(uid))
             for uid, sl in sorted(groups.items())]
   return series, segs
 
@@ -406,6 +528,11 @@ def find_subjects(s: DicomSettings,
             f"pattern {pattern!r}: {[(x.description, x.folder) for x in hits]}"
             "; make data.series more specific or set data.subject_tag="
             "'StudyInstanceUID'"))
+      if hits[0].problem:
+        raise DataError(hits[0].problem[1])
+      if not hits[0].slices:
+        raise file_error(hits[0].folder, f"no frame of series {feature!r} "
+                         f"passes data.image_filter={s.image_filter}")
       chosen[feature] = dataclasses.replace(
           hits[0], slices=sort_slices(hits[0].slices))
     if len(chosen) < len(s.series):
@@ -428,27 +555,25 @@ def find_subjects(s: DicomSettings,
 # ------------------------------------------------------------------ pixels --
 
 
-def _dataset(path: str) -> Tuple[pydicom.Dataset, np.ndarray]:
-  """The full dataset and its pixel array (errors name the file)."""
-  try:
-    ds = pydicom.dcmread(path)
-    return ds, ds.pixel_array
-  except Exception as e:  # truncated pixel data, missing codecs, ...
-    raise file_error(path, f"cannot read pixel data, file corrupt or "
-                     f"truncated ({builder_lib.describe(e)})") from None
-
-
 def read_series(series: Series) -> volumes.Scan:
   """The series as a float32 volume ``[cols, rows, slices]`` (HU for CT)."""
   shape, affine, _ = series_grid(series)
   vol = np.empty(shape, np.float32)
+  files: Dict[str, Tuple[pydicom.Dataset, np.ndarray]] = {}
   for k, sl in enumerate(series.slices):
-    ds, pixels = _dataset(sl.path)
+    if sl.path not in files:  # an enhanced file holds many slices.
+      files[sl.path] = dicom_images.read_pixels(sl.path)
+    ds, pixels = files[sl.path]
+    if sl.frame >= 0:
+      pixels = pixels.reshape(num_frames(ds), *pixels.shape[-2:])[sl.frame]
+      slope, intercept = sl.rescale
+    else:
+      files.pop(sl.path)
+      slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+      intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     if pixels.shape != sl.shape:
       raise file_error(sl.path, f"pixel array {pixels.shape} does not match "
                        f"Rows x Columns {sl.shape}")
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     vol[:, :, k] = (pixels.astype(np.float32) * slope + intercept).T
   return volumes.Scan(vol, affine, series.folder)
 
@@ -459,7 +584,7 @@ def read_seg(seg: Seg, series: Series) -> Tuple[volumes.Scan, Dict[int, str]]:
   Returns:
     ``(label map scan, {segment number: label})``.
   """
-  ds, frames = _dataset(seg.path)
+  ds, frames = dicom_images.read_pixels(seg.path)
   shape, affine, _ = series_grid(series)
   n = int(ds.get("NumberOfFrames", 1) or 1)
   frames = frames.reshape(n, *frames.shape[-2:])
@@ -479,7 +604,7 @@ def read_seg(seg: Seg, series: Series) -> Tuple[volumes.Scan, Dict[int, str]]:
   if len(groups) != n:
     raise file_error(seg.path, f"{len(groups)} per-frame functional groups "
                      f"for {n} frames")
-  by_sop = {s.sop_uid: k for k, s in enumerate(series.slices)}
+  by_sop = {s.key: k for k, s in enumerate(series.slices)}
   normal = slice_normal(series.slices[0].orientation)
   depth = np.asarray([s.position @ normal for s in series.slices])
   step = float(np.median(np.diff(depth))) if len(depth) > 1 else 1.0
@@ -520,9 +645,11 @@ def _frame_slice(path: str, f: int, group, shared, by_sop: Dict[str, int],
                                "DerivationImageSequence") or []:
     for src in der.get("SourceImageSequence") or []:
       uid = str(src.get("ReferencedSOPInstanceUID", ""))
-      if uid in by_sop:
-        return by_sop[uid]
-      if uid:
+      frame = src.get("ReferencedFrameNumber")
+      key = f"{uid}#{int(frame)}" if frame not in (None, "") else uid
+      if key in by_sop:
+        return by_sop[key]
+      if uid and not any(k.startswith(uid + "#") for k in by_sop):
         raise file_error(path, f"frame {f + 1} references SOP instance "
                          f"{uid}, which is not in the image series")
   planes = _functional_group(group, shared, "PlanePositionSequence") or []
@@ -535,6 +662,13 @@ def _frame_slice(path: str, f: int, group, shared, by_sop: Dict[str, int],
     raise file_error(path, f"frame {f + 1} at {d:.2f} mm along the normal "
                      "lies on no slice of the image series")
   return k
+
+
+def ct_features(subject: Subject) -> List[str]:
+  """The subject's features in Hounsfield units: CT series (by Modality,
+  or by a feature name ``ct*``)."""
+  return sorted(f for f, x in subject.series.items()
+                if x.modality.upper() == "CT" or f.lower().startswith("ct"))
 
 
 # ----------------------------------------------------------------- builder --
@@ -602,6 +736,7 @@ class DicomFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       images = {f: read_series(x) for f, x in subject.series.items()}
       self._levels[subject.name] = {m: volumes.bright_level(x)
                                     for m, x in images.items()}
+      ct = ct_features(subject)
       mask = None
       if subject.seg:
         ref = next(x for x in subject.series.values()
@@ -612,7 +747,7 @@ class DicomFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       for key, ex in volumes.subject_examples(
           images, mask, s.volume, subject=subject.name,
           subject_id=ids[subject.name], label=labels[subject.name],
-          label_source=s.labels.label_source):
+          label_source=s.labels.label_source, ct=ct):
         count += 1
         yield key, ex
     builder_lib.require_examples(
@@ -620,8 +755,10 @@ class DicomFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "slices/patches above data.min_foreground; lower it")
     if len(self._levels) == self._num_subjects:
       # CT is in Hounsfield units: its levels are meant to be absolute.
-      volumes.warn_intensity_outliers(self._levels, s.volume,
-                                      skip=volumes.ct_names(self._levels))
+      volumes.warn_intensity_outliers(
+          self._levels, s.volume, skip=sorted(
+              set(volumes.ct_names(self._levels)).union(
+                  *(ct_features(x) for x in self._subjects))))
 
 
 def load_builder(data_cfg) -> tfds.core.DatasetBuilder:

@@ -1,4 +1,4 @@
-"""TFDS builder for folders of 2D images (PNG, JPEG, TIFF, BMP).
+"""TFDS builder for folders of 2D images (PNG, JPEG, TIFF, BMP, DICOM).
 
 Two layouts::
 
@@ -17,17 +17,26 @@ sets have the feature ``image``; ``data.color_mode="rgb"`` gives ``red``,
 to a square (``data.keep_aspect``) and resized to ``res x res``; masks with
 nearest neighbour. Splits are by subject (each image is its own subject
 unless the CSV has a ``subject`` column).
+
+DICOM files (``*.dcm`` or extensionless with the DICOM preamble) are 2D
+images too: radiographs, mammograms, ultrasound, single slices
+(:mod:`medgen_jax.data.dicom_images`: modality LUT, VOI window
+``data.dicom_window``, MONOCHROME1 inverted, cine loops per
+``data.dicom_frames``, pixel spacing kept). Their subject is their
+PatientID (``data.subject_tag``) unless the CSV names one, so a patient's
+images stay in one split.
 """
 
 import dataclasses
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from medgen_jax.data import builder_lib
+from medgen_jax.data import dicom_images
 from medgen_jax.data import preprocess
 from medgen_jax.data.builder_lib import DataError, file_error
 
@@ -57,6 +66,10 @@ class ImageFolderSettings:
   keep_aspect: bool = True
   split_seed: int = 0
   split_fractions: Tuple[float, ...] = builder_lib.DEFAULT_SPLIT_FRACTIONS
+  # DICOM only (see medgen_jax.data.dicom_images).
+  dicom_window: Any = "auto"
+  dicom_frames: str = "refuse"
+  subject_tag: str = "PatientID"
 
   @property
   def channels(self) -> Tuple[str, ...]:
@@ -66,13 +79,20 @@ class ImageFolderSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-  """One image: relative path, absolute paths, class, subject."""
+  """One image: relative path, absolute paths, class, subject; a DICOM
+  image also has its frame and what its values mean."""
 
   file: str
   path: str
   mask: Optional[str]
   label: int
   subject: str
+  frame: int = -1
+  units: str = ""
+
+  @property
+  def key(self) -> str:
+    return self.file if self.frame < 0 else f"{self.file}#{self.frame + 1}"
 
 
 def settings(data_cfg) -> ImageFolderSettings:
@@ -96,6 +116,10 @@ def validate_config(data_cfg) -> List[str]:
   if s.color_mode not in COLOR_MODES:
     errors.append(f"data.color_mode={s.color_mode!r} must be one of "
                   f"{COLOR_MODES}")
+  errors += dicom_images.window_problems(s.dicom_window)
+  if s.dicom_frames not in dicom_images.FRAME_MODES:
+    errors.append(f"data.dicom_frames={s.dicom_frames!r} must be one of "
+                  f"{dicom_images.FRAME_MODES}")
   if data_cfg.spatial_dims != 2:
     errors.append(f"data.spatial_dims={data_cfg.spatial_dims}: image_folder "
                   "holds 2D images")
@@ -107,13 +131,21 @@ def validate_config(data_cfg) -> List[str]:
 # --------------------------------------------------------------- discovery --
 
 
-def _is_image(name: str) -> bool:
-  return name.lower().endswith(IMAGE_SUFFIXES)
+def _is_image(root: str, name: str) -> bool:
+  return (name.lower().endswith(IMAGE_SUFFIXES) or
+          dicom_images.is_dicom(os.path.join(root, name)))
+
+
+def _is_dicom(path: str) -> bool:
+  return not path.lower().endswith(IMAGE_SUFFIXES) and dicom_images.is_dicom(
+      path)
 
 
 def _find_mask(masks_root: str, rel: str) -> Optional[str]:
   stem = os.path.splitext(rel)[0]
-  for ext in IMAGE_SUFFIXES:
+  if os.path.isfile(os.path.join(masks_root, rel)):
+    return os.path.join(masks_root, rel)
+  for ext in IMAGE_SUFFIXES + dicom_images.DICOM_SUFFIXES:
     for cand in (stem + ext, stem + ext.upper()):
       if os.path.isfile(os.path.join(masks_root, cand)):
         return os.path.join(masks_root, cand)
@@ -142,18 +174,18 @@ def find_items(s: ImageFolderSettings) -> List[Item]:
     labels = builder_lib.labels_from_table(table, files, s.label_column,
                                            s.class_names)
     has_subject = s.subject_column in next(iter(table.rows.values()))
-    subjects = {f: table.rows[f][s.subject_column] if has_subject else f
-                for f in files}
+    subjects = {f: table.rows[f][s.subject_column] for f in files
+                if has_subject}
   else:
     rx = builder_lib.pattern_regex(s.images_glob.replace("{subject}", "*"))
     masks_rel = (os.path.relpath(masks_root, root) + "/"
                  if masks_root else None)
     files = [f for f in builder_lib.walk_files(root)
-             if _is_image(f) and rx.fullmatch(f) and not (
-                 masks_rel and f.startswith(masks_rel))]
+             if rx.fullmatch(f) and not (
+                 masks_rel and f.startswith(masks_rel)) and _is_image(root, f)]
     if not files:
       raise DataError(f"{root}: empty folder (no {'/'.join(IMAGE_SUFFIXES)} "
-                      f"images matching {s.images_glob!r})")
+                      f"or DICOM images matching {s.images_glob!r})")
     labels = {}
     for f in files:
       folder = f.split("/")[0] if "/" in f else ""
@@ -166,7 +198,7 @@ def find_items(s: ImageFolderSettings) -> List[Item]:
             f"unknown label: class folder {folder!r} is not in "
             f"data.class_names={s.class_names}"))
       labels[f] = s.class_names.index(folder)
-    subjects = {f: f for f in files}
+    subjects = {}
   items = []
   for f in files:
     mask = None
@@ -175,9 +207,18 @@ def find_items(s: ImageFolderSettings) -> List[Item]:
       if mask is None:
         raise file_error(os.path.join(masks_root, f), (
             f"missing mask of image {f!r} (expected the same relative path "
-            f"with one of {IMAGE_SUFFIXES})"))
-    items.append(Item(f, os.path.join(root, f), mask, labels[f],
-                      subjects[f]))
+            f"with one of {IMAGE_SUFFIXES + dicom_images.DICOM_SUFFIXES})"))
+    path = os.path.join(root, f)
+    if not _is_dicom(path):
+      items.append(Item(f, path, mask, labels[f], subjects.get(f, f)))
+      continue
+    ds = dicom_images.read_header(path)
+    subject = subjects.get(f) or dicom_images.subject_of(ds, s.subject_tag, f)
+    units = dicom_images.units(ds, s.dicom_window)
+    frames = dicom_images.frames_of(ds, path, s.dicom_frames)
+    items += [Item(f, path, mask, labels[f], subject,
+                   k if dicom_images.num_frames(ds) > 1 else -1, units)
+              for k in frames]
   return items
 
 
@@ -236,15 +277,33 @@ def bit_depth(path: str) -> str:
   return {"I": "32-bit", "F": "float"}.get(mode, "8-bit")
 
 
-def check_bit_depths(paths: Sequence[str]) -> str:
-  """The one bit depth of all images; mixed depths mix units."""
-  first = bit_depth(paths[0])
-  for p in paths[1:]:
-    d = bit_depth(p)
+def check_bit_depths(items: Sequence[Item]) -> str:
+  """The one bit depth (DICOM: value meaning) of all images; mixed depths
+  mix units."""
+  found = [(it.path, it.units or bit_depth(it.path)) for it in items]
+  if any(it.units for it in items):
+    return dicom_images.check_units(found)
+  (p0, first) = found[0]
+  for p, d in found[1:]:
     if d != first:
       raise file_error(p, f"{d} image among {first} images (e.g. "
-                       f"{paths[0]}); convert the data set to one bit depth")
+                       f"{p0}); convert the data set to one bit depth")
   return first
+
+
+def read_item(it: Item, s: ImageFolderSettings
+              ) -> Tuple[np.ndarray, Tuple[float, float]]:
+  """The pixels ``[H, W]`` or ``[H, W, 3]`` and ``(row, col)`` spacing."""
+  if not it.units:
+    return read_array(it.path), (1.0, 1.0)
+  img = dicom_images.read_image(it.path, max(it.frame, 0), s.dicom_window)
+  return img.pixels, img.spacing
+
+
+def read_item_mask(it: Item) -> np.ndarray:
+  if _is_dicom(it.mask):
+    return dicom_images.read_mask(it.mask, max(it.frame, 0))
+  return read_mask(it.mask)
 
 
 def to_channels(arr: np.ndarray, color_mode: str, path: str
@@ -292,7 +351,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager  # Local files only.
     s = self._settings
-    depth = check_bit_depths([it.path for it in self._items])
+    depth = check_bit_depths(self._items)
     subjects = sorted({it.subject for it in self._items})
     explicit = None
     if s.labels_csv:
@@ -315,15 +374,15 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split, items, ids):
     s = self._settings
     for it in items:
-      arr = read_array(it.path)
+      arr, spacing = read_item(it, s)
       planes = to_channels(arr, s.color_mode, it.path)
       ex = {}
       for c, p in zip(s.channels, planes):
         if s.keep_aspect:
-          p = preprocess.pad_to_extent(p, (1.0, 1.0), float(p.min()))
+          p = preprocess.pad_to_extent(p, spacing, float(p.min()))
         ex[c] = preprocess.resize(p, (s.res, s.res))
       if it.mask:
-        m = read_mask(it.mask)
+        m = read_item_mask(it)
         if m.shape != arr.shape[:2]:
           raise file_error(it.mask, f"mask shape {m.shape} differs from "
                            f"image shape {arr.shape[:2]} of {it.path}")
@@ -331,11 +390,11 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if labels is None:
           raise file_error(it.mask, problem)
         if s.keep_aspect:
-          labels = preprocess.pad_to_extent(labels, (1.0, 1.0), 0)
+          labels = preprocess.pad_to_extent(labels, spacing, 0)
         ex["mask"] = preprocess.resize(labels, (s.res, s.res), nearest=True)
-      ex.update(label=it.label, file=it.file, subject=it.subject,
+      ex.update(label=it.label, file=it.key, subject=it.subject,
                 subject_id=np.int32(ids[it.subject]))
-      yield it.file, ex
+      yield it.key, ex
     builder_lib.require_examples(len(items), split, "no images")
 
 

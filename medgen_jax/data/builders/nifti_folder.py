@@ -1,4 +1,10 @@
-"""TFDS builder for folders of NIfTI volumes (BraTS-, IXI-like layouts).
+"""TFDS builder for folders of 3D volumes (BraTS-, IXI-like layouts).
+
+Volumes are read by file extension (:mod:`medgen_jax.data.volume_files`):
+NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, detached ``.nhdr``; 3D
+Slicer's volumes and ``.seg.nrrd`` segmentations) and MetaImage (``.mha``,
+``.mhd`` with its ``.raw``/``.zraw``), images and label maps alike; a
+subject may mix formats, since all are placed in RAS.
 
 Files are found by one path pattern per modality (and one for the label map),
 relative to ``data.root``. ``{subject}`` marks the subject name, ``*`` any
@@ -10,6 +16,9 @@ characters within a path component, ``**/`` any sub-folders::
   IXI-like     root/T1/IXI002-Guys-0828-T1.nii.gz, root/T2/IXI002-...-T2.nii.gz
                modalities={"t1": "T1/{subject}-T1.nii.gz",
                            "t2": "T2/{subject}-T2.nii.gz"}
+  Slicer-like  root/case01/T1.nrrd, root/case01/Segmentation.seg.nrrd
+               modalities={"t1": "{subject}/T1.nrrd"},
+               mask="{subject}/*.seg.nrrd"
 
 Every subject needs exactly one file per modality. The volumes of a subject
 must be co-registered (same shape, same affine within ``data.affine_tol``
@@ -29,12 +38,12 @@ import dataclasses
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-import nibabel as nib
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
 from medgen_jax.data import builder_lib
+from medgen_jax.data import volume_files
 from medgen_jax.data import volumes
 from medgen_jax.data.builder_lib import DataError, file_error
 
@@ -211,37 +220,23 @@ def find_subjects(s: NiftiSettings) -> List[Subject]:
 # ------------------------------------------------------------------ reading --
 
 
-def _load(path: str) -> "nib.spatialimages.SpatialImage":
-  try:
-    return nib.load(path)
-  except Exception as e:  # nibabel raises many types for broken files.
-    raise file_error(path, f"not a readable NIfTI file "
-                     f"({builder_lib.describe(e)})") from None
-
-
 def header_grid(path: str) -> Tuple[Tuple[int, ...], np.ndarray, str]:
-  """``(3D shape, affine, path)`` from the header only."""
-  img = _load(path)
-  return volumes.squeeze_3d(img.shape, path), np.asarray(img.affine), path
+  """``(3D shape, RAS affine, path)`` from the header only."""
+  grid = volume_files.read_grid(path)
+  return grid.shape, grid.affine, path
 
 
 def read_scan(path: str, mask_values: Optional[Sequence[int]] = None
               ) -> volumes.Scan:
   """A volume as a :class:`~medgen_jax.data.volumes.Scan`.
 
-  Images are float32 (8/16-bit, integer or float storage, with the header's
+  Images are float32 (8/16-bit, integer or float storage, with NIfTI
   scaling applied); label maps (``mask_values`` given) become uint8 classes.
   """
-  img = _load(path)
-  shape = volumes.squeeze_3d(img.shape, path)
-  try:
-    data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
-  except Exception as e:  # truncated gzip / short files / bad dtypes.
-    raise file_error(path, f"truncated or corrupt image data "
-                     f"({builder_lib.describe(e)})") from None
+  data, affine = volume_files.read_volume(path)
   if mask_values is not None:
     data = volumes.check_mask_values(data, mask_values, path)
-  return volumes.Scan(data, np.asarray(img.affine), path)
+  return volumes.Scan(data, affine, path)
 
 
 def check_subject(subject: Subject, tol: float) -> None:
@@ -268,7 +263,7 @@ def _features(s: NiftiSettings) -> tfds.features.FeaturesDict:
 
 
 class NiftiFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Co-registered NIfTI volumes per subject, as slices, volumes or patches."""
+  """Co-registered volumes per subject, as slices, volumes or patches."""
 
   VERSION = tfds.core.Version(builder_lib.VERSION)
   RELEASE_NOTES = {builder_lib.VERSION: "Initial release."}
@@ -284,7 +279,7 @@ class NiftiFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     s = self._settings
     return self.dataset_info_from_configs(
-        description=(f"NIfTI volumes from {s.root} (modalities "
+        description=(f"3D volumes from {s.root} (modalities "
                      f"{sorted(s.modalities)}), split by subject."),
         features=_features(s),
         metadata=tfds.core.MetadataDict())
