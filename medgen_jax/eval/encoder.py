@@ -3,10 +3,13 @@
 ImageNet Inception features describe brain MRI poorly (FID > 100 for good
 models is common), so every study also trains one small ResNet classifier
 on the real training split and uses its pooled penultimate layer as the
-feature space. It is trained once, saved with orbax beside a JSON card that
-records exactly what it is (architecture, inputs, normalisation, training
-data, steps, held-out accuracy), and reused: every FID of a study uses the
-same features.
+feature space. A data set without labels (fewer than two classes) trains
+it on a label-free pretext task instead: which of four in-plane rotations
+was applied (Gidaris et al., 2018), learnable because scans have a
+canonical orientation. It is trained once, saved with orbax beside a JSON
+card that records exactly what it is (architecture, inputs, pretext task,
+normalisation, training data, steps, held-out accuracy), and reused: every
+FID of a study uses the same features.
 """
 
 import dataclasses
@@ -80,11 +83,36 @@ def fingerprint(arrays: Dict[str, np.ndarray]) -> str:
   return h.hexdigest()[:16]
 
 
+ROTATIONS = 4
+
+
+def pretext(cfg: ml_collections.ConfigDict) -> str:
+  """``label`` (classify the data set's classes) or ``rotation`` (no
+  labels: predict the in-plane rotation)."""
+  return "label" if cfg.num_classes >= 2 else "rotation"
+
+
+def rotated(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """The rotation pretext set: every image ``[N, *spatial, C]`` turned by
+  0, 90, 180 and 270 degrees in its last two spatial axes (the slice plane
+  of volumes), labelled 0..3: ``image`` ``[4N, *spatial, C]``, ``label``
+  ``[4N]``."""
+  x = np.asarray(arrays["image"])
+  axes = (x.ndim - 3, x.ndim - 2)
+  if x.shape[axes[0]] != x.shape[axes[1]]:
+    raise ValueError(f"the rotation pretext needs square slices, got "
+                     f"images of shape {x.shape[1:]}")
+  return dict(image=np.concatenate([np.rot90(x, k, axes)
+                                    for k in range(ROTATIONS)]),
+              label=np.repeat(np.arange(ROTATIONS, dtype=np.int32), len(x)))
+
+
 def _task_config(cfg: ml_collections.ConfigDict,
                  contrasts) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       kind="classification", inputs=tuple(contrasts), target="label",
-      num_classes=cfg.num_classes,
+      num_classes=(cfg.num_classes if pretext(cfg) == "label"
+                   else ROTATIONS),
       model=dict(width=cfg.width, stage_sizes=tuple(cfg.stage_sizes),
                  num_groups=cfg.num_groups),
       conv_lowering=cfg.get("conv_lowering", "auto")))
@@ -102,14 +130,18 @@ def train_or_load(cfg: ml_collections.ConfigDict, contrasts, spatial_dims: int,
       ``steps``, ``steps_per_call``, ``batch_size``, ``optim``, ``seed``.
     contrasts: the image channels (all are encoder inputs).
     spatial_dims: 2 or 3.
-    train: real training arrays (``image``, ``label``).
+    train: real training arrays (``image``, and ``label`` unless the
+      data set has no classes).
     held_out: real held-out arrays, for the accuracy recorded in the card.
     directory: where the encoder lives.
     extra_card: more provenance to record (data set, normalisation...).
   """
   task = tasks_lib.make_task("encoder", _task_config(cfg, contrasts),
                              list(contrasts), spatial_dims)
-  settings = dict(arch="ResNet", width=cfg.width,
+  kind = pretext(cfg)
+  if kind == "rotation":
+    train, held_out = rotated(train), rotated(held_out)
+  settings = dict(arch="ResNet", width=cfg.width, pretext=kind,
                   stage_sizes=list(cfg.stage_sizes),
                   num_groups=cfg.num_groups, inputs=list(contrasts),
                   steps=cfg.steps, batch_size=cfg.batch_size,
@@ -148,8 +180,12 @@ def train_or_load(cfg: ml_collections.ConfigDict, contrasts, spatial_dims: int,
               feature_dim=int(cfg.width * 2 ** (len(cfg.stage_sizes) - 1)),
               description=(
                   "pooled penultimate layer of a GroupNorm ResNet trained "
-                  "to classify the real training split; inputs are the "
-                  "normalised contrasts " + "+".join(contrasts)),
+                  + ("to classify the real training split"
+                     if kind == "label" else
+                     "to tell which of 4 in-plane rotations was applied to "
+                     "the real training split (the data set has no labels)")
+                  + "; inputs are the normalised contrasts "
+                  + "+".join(contrasts)),
               **(extra_card or {}))
   if os.path.exists(params_dir):
     shutil.rmtree(params_dir)

@@ -35,7 +35,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from medgen_jax import errors
 from medgen_jax import jsonl
 from medgen_jax import sampling
 from medgen_jax.data import pipeline
@@ -285,9 +284,6 @@ def _generative(config, name, fields, workdir, real: RealData) -> EvalFn:
   from medgen_jax.eval import encoder as encoder_lib  # pylint: disable=import-outside-toplevel
   from medgen_jax.eval import generative  # pylint: disable=import-outside-toplevel
   d = config.data
-  problem = _encoder_classes_error(config, name, fields)
-  if problem:
-    raise errors.UserError(problem)
   directory = fields.encoder_dir or os.path.join(workdir, "encoder")
   enc = encoder_lib.train_or_load(
       encoder_config(config, fields), d.contrasts, d.spatial_dims,
@@ -359,20 +355,6 @@ def _generative_errors(config, prefix: str, f) -> List[str]:
     errors.append(f"{prefix}.encoder.steps={e.steps} must be a multiple of "
                   f"steps_per_call={e.steps_per_call}")
   return errors
-
-
-def _encoder_classes_error(config, name: str, fields) -> Optional[str]:
-  """Why the in-domain encoder cannot be trained on this data (checked
-  when the evaluator is built, so an unlabelled data set can still be
-  inspected and trained on: the evaluator only fails if it runs)."""
-  classes = fields.encoder.num_classes or config.data.num_classes
-  if isinstance(classes, int) and classes >= 2:
-    return None
-  return (f"evals.{name}: the in-domain encoder is a classifier of "
-          f"data.label and needs at least 2 classes (data.num_classes is "
-          f"{classes!r}): this data set has no labels; score it with an "
-          "'inception_fid' evaluator instead, or give it labels "
-          "(data.labels_csv)")
 
 
 # -------------------------------------------------------- inception_fid ----
