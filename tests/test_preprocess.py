@@ -83,6 +83,10 @@ def test_volume_normalisation_over_the_foreground():
   assert abs(z[fg].mean()) < 1e-5 and abs(z[fg].std() - 1) < 1e-5
   mm = preprocess.normalize_volume(x, "minmax", fg, (0, 100))
   assert mm[fg].min() == 0.0 and mm[fg].max() == 1.0
+  # A flat foreground falls back to the volume's range, not to all zeros.
+  flat = np.where(fg, 100.0, 0.0).astype(np.float32)
+  mm = preprocess.normalize_volume(flat, "minmax", fg)
+  assert mm[fg].min() == 1.0 and mm[~fg].max() == 0.0
 
 
 def test_pipeline_windows_and_per_contrast_normalisation():

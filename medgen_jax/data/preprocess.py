@@ -104,6 +104,10 @@ def normalize_volume(x: np.ndarray, kind: str, mask: np.ndarray,
     mean, std = float(values.mean()), float(values.std())
     return ((x - mean) / max(std, 1e-8)).astype(np.float32)
   lo, hi = robust_range(values, percentiles)
+  if hi - lo <= 1e-6 * max(abs(hi), 1.0):
+    # A flat foreground (a phantom, a constant fill) has no percentile
+    # range: the volume's full range keeps it visible above the background.
+    lo, hi = float(x.min()), float(x.max())
   return np.clip((x - lo) / max(hi - lo, 1e-8), 0.0, 1.0).astype(np.float32)
 
 
