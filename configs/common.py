@@ -10,6 +10,8 @@ from typing import Any, Dict, Mapping, Optional
 
 import ml_collections
 
+from medgen_jax.eval import defaults as eval_defaults
+
 CONTRASTS = ("t1w", "t2w", "pd", "flair")
 
 
@@ -478,9 +480,9 @@ def autoencoder_base(a: ml_collections.ConfigDict, cond: str = ""
                  ema=0.999, ema_warmup=100)
   # Reconstruction PSNR/SSIM into metrics.jsonl with every sample grid.
   c.evals = ml_collections.ConfigDict(dict(
-      reconstruction=dict(type="reconstruction", every_steps=1_000,
-                          num_examples=256),
-      loss=dict(type="loss", every_steps=0, num_batches=8)))
+      reconstruction=evaluator("reconstruction", every_steps=1_000,
+                               num_examples=256),
+      loss=evaluator("loss", every_steps=0, num_batches=8)))
   if a.runlocal:
     c.data.num_subjects = 10
     c.data.batch_size = 8
@@ -493,17 +495,22 @@ def autoencoder_base(a: ml_collections.ConfigDict, cond: str = ""
   return c
 
 
+def evaluator(type_name: str, **fields: Any) -> ml_collections.ConfigDict:
+  """An ``evals`` entry with every field of its type (defaults where not
+  given), so each one can be overridden on the command line, e.g.
+  ``--config.evals.generative.encoder.steps=600``."""
+  return ml_collections.ConfigDict(
+      eval_defaults.complete(dict(type=type_name, **fields)))
+
+
 def generative_eval(runlocal: bool, every_steps: int = 0
                     ) -> ml_collections.ConfigDict:
   """The ``generative`` evaluator (in-domain FID/KID, precision/recall,
   diversity, memorization) of a generator's config."""
-  e = ml_collections.ConfigDict(dict(
-      type="generative", every_steps=every_steps, num_samples=256,
-      kid_subsets=50, kid_subset_size=100, pr_k=5, diversity_pairs=200,
-      memorization_quantile=0.01))
+  e = evaluator("generative", every_steps=every_steps)
   if runlocal:
     e.update(num_samples=16, kid_subsets=5, kid_subset_size=8, pr_k=2,
-             diversity_pairs=8,
-             encoder=dict(width=8, num_groups=4, steps=4, steps_per_call=2,
-                          batch_size=8))
+             diversity_pairs=8)
+    e.encoder.update(width=8, num_groups=4, steps=4, steps_per_call=2,
+                     batch_size=8)
   return e

@@ -31,11 +31,18 @@ density/coverage, diversity, memorization, validation loss)::
 
   python launch.py --config=configs/ddpm.py:res=32 \
       --workdir=workdirs/ddpm_t2w_32 --mode=eval
+
+Sweep classifier-free guidance x seed (``get_sweep``; docs/sweeps.md)::
+
+  python -m medgen_jax.sweep --config=configs/ddpm.py:res=32,cond=label \
+      --workdir=workdirs/sweep_guidance
+  python -m medgen_jax.sweep collect workdirs/sweep_guidance
 """
 
 import ml_collections
 
 from configs import common
+from medgen_jax import sweep
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -104,18 +111,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Evaluators (medgen_jax.eval.registry): every_steps=0 runs them only with
   # --mode=eval; set it > 0 to also evaluate periodically during training.
   c.evals = ml_collections.ConfigDict(dict(
-      generative=dict(type="generative", every_steps=0, num_samples=256,
-                      kid_subsets=50, kid_subset_size=100, pr_k=5,
-                      diversity_pairs=200, memorization_quantile=0.01),
-      loss=dict(type="loss", every_steps=0, num_batches=8),
+      generative=common.evaluator("generative", every_steps=0),
+      loss=common.evaluator("loss", every_steps=0, num_batches=8),
   ))
   if a.inception:
-    c.evals.inception_fid = dict(type="inception_fid", every_steps=0,
-                                 weights=a.inception, num_samples=256)
+    c.evals.inception_fid = common.evaluator(
+        "inception_fid", every_steps=0, weights=a.inception, num_samples=256)
   if a.condition == "mask":
     # Do the lesions sit under the given masks? (a real-data segmenter's
     # Dice on images drawn for held-out masks)
-    c.evals.mask_fidelity = dict(type="mask_fidelity", every_steps=0)
+    c.evals.mask_fidelity = common.evaluator("mask_fidelity", every_steps=0)
   c.optim.lr = 2e-4 if a.res >= 64 else 5e-4
   c.train.num_steps = 20_000 if a.res >= 64 else 1_500
   c.train.sample_every = 500
@@ -144,3 +149,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if a.steps:
     c.train.num_steps = a.steps
   return c
+
+
+def get_sweep(arg: str = "") -> sweep.Sweep:
+  """Guidance scale x seed of the label-conditional model (``cond=label``):
+  6 runs, each trained and scored by the ``generative`` evaluator (FID/KID,
+  precision/recall, ...) at its last step. The scale changes sampling only,
+  so runs of one seed train the same network."""
+  c = get_config(arg)
+  if c.data.cond != "label":
+    raise ValueError("the guidance sweep needs the label-conditional model: "
+                     f"add cond=label to the config args ({arg!r})")
+  return sweep.product([
+      sweep.values("sample.guidance_scale", [0.0, 1.0, 3.0]),
+      sweep.values("seed", [0, 1]),
+      sweep.fixed("evals.generative.every_steps", c.train.num_steps),
+  ])

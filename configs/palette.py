@@ -42,8 +42,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.sample.steps = 25
   every = c.train.sample_every
   c.evals = ml_collections.ConfigDict(dict(
-      translation=dict(type="translation", every_steps=every,
-                       num_examples=16 if a.runlocal else 64),
-      loss=dict(type="loss", every_steps=0,
-                num_batches=2 if a.runlocal else 8)))
+      translation=common.evaluator("translation", every_steps=every,
+                                   num_examples=16 if a.runlocal else 64),
+      loss=common.evaluator("loss", every_steps=0,
+                            num_batches=2 if a.runlocal else 8)))
   return c

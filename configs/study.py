@@ -40,6 +40,13 @@ Args (``key=value`` after the colon):
     Dice of a segmenter on the translated images), one row each.
   translator_steps: their training steps (0: each config's default).
   runlocal: a miniature study for tests (tiny models, a few steps).
+
+Sweep the share of synthetic images per batch x seed (``get_sweep``; each run
+is a whole study; docs/sweeps.md)::
+
+  python -m medgen_jax.sweep --config=configs/study.py \
+      --workdir=workdirs/sweep_ratio
+  python -m medgen_jax.sweep collect workdirs/sweep_ratio
 """
 
 import importlib
@@ -48,6 +55,7 @@ import ml_collections
 
 from configs import common
 from configs import ddpm
+from medgen_jax import sweep
 
 
 def _task(kind: str, inputs, target, num_classes: int, steps: int,
@@ -288,3 +296,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.evals.generative.update(kid_subsets=5, kid_subset_size=8, pr_k=2,
                               diversity_pairs=8)
   return c
+
+
+def get_sweep(arg: str = "") -> sweep.Sweep:
+  """``study.synthetic_ratio`` (the share of every synthetic arm's batch
+  drawn from the synthetic set) x the study's base seed: 6 whole studies,
+  each training its own copy of the generator and averaging
+  ``study.num_seeds`` seeds per cell."""
+  get_config(arg)  # the args' errors first
+  return sweep.product([
+      sweep.values("study.synthetic_ratio", [0.25, 0.5, 0.75]),
+      sweep.values("seed", [0, 1]),
+  ])

@@ -33,8 +33,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     every = c.evals.reconstruction.every_steps
     num = c.evals.reconstruction.num_examples
     del c.evals["reconstruction"]
-    c.evals.translation = dict(type="translation", every_steps=every,
-                               num_examples=num)
+    c.evals.translation = common.evaluator(
+        "translation", every_steps=every, num_examples=num)
   else:
     c.evals.generative = common.generative_eval(a.runlocal,
                                                 c.train.num_steps)

@@ -13,6 +13,7 @@ from flax import traverse_util
 from medgen_jax import commands
 from medgen_jax import config_check
 from medgen_jax import sampling
+from medgen_jax.eval import defaults as eval_defaults
 from medgen_jax.eval import encoder as encoder_lib
 from medgen_jax.eval import features
 from medgen_jax.eval import inception
@@ -289,7 +290,7 @@ def test_unlabelled_data_trains_the_encoder_on_rotations(tmp_path):
     x[:, 5:7, 1:6] += 1.0   # ... and a foot to the right
     return dict(image=x, label=np.zeros(n, np.int32))
 
-  cfg = ml_collections.ConfigDict(registry.ENCODER_DEFAULTS)
+  cfg = ml_collections.ConfigDict(eval_defaults.ENCODER_DEFAULTS)
   cfg.update(num_classes=1, width=8, stage_sizes=(1, 1), num_groups=4,
              steps=30, steps_per_call=30, batch_size=32,
              conv_lowering="explicit")

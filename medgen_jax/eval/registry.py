@@ -38,6 +38,7 @@ from absl import logging
 from medgen_jax import jsonl
 from medgen_jax import sampling
 from medgen_jax.data import pipeline
+from medgen_jax.eval import defaults
 from medgen_jax.eval import features as feature_metrics
 from medgen_jax.eval import inception
 from medgen_jax.methods import base as methods
@@ -215,32 +216,6 @@ def _sampling_card(config, fields, num: int) -> Dict[str, Any]:
 # ----------------------------------------------------------- generative ----
 
 
-ENCODER_DEFAULTS = dict(
-    width=32, stage_sizes=(1, 1, 1), num_groups=8,
-    # 0: data.num_classes.
-    num_classes=0,
-    steps=300, steps_per_call=25, batch_size=64, seed=0,
-    conv_lowering="auto",
-    optim=dict(name="adamw", lr=2e-3, schedule="cosine", warmup_steps=0,
-               final_lr_frac=0.05, weight_decay=1e-4, b1=0.9, b2=0.999,
-               grad_clip=1.0))
-
-_SAMPLING_DEFAULTS = dict(
-    num_samples=256,
-    # 0: config.sample.batch_size.
-    batch_size=0,
-    seed=0,
-    # Conditional generators: "balanced" classes or the "heldout" mix.
-    labels="balanced")
-
-GENERATIVE_DEFAULTS = dict(
-    **_SAMPLING_DEFAULTS,
-    kid_subsets=50, kid_subset_size=100, pr_k=5, diversity_pairs=200,
-    memorization_quantile=0.01, audit=True,
-    # "": <workdir>/encoder.
-    encoder_dir="",
-    encoder=ENCODER_DEFAULTS)
-
 # Counts and settings of set_metrics that are not metrics.
 _DETAIL_KEYS = ("pr_k", "num_real", "num_synthetic")
 
@@ -358,17 +333,6 @@ def _generative_errors(config, prefix: str, f) -> List[str]:
 
 
 # -------------------------------------------------------- inception_fid ----
-
-
-INCEPTION_DEFAULTS = dict(
-    **_SAMPLING_DEFAULTS,
-    # The converted pytorch-fid weights (.npz); required.
-    weights="",
-    # "": all contrasts (1 or 3 of them); else the one contrast to score.
-    contrast="",
-    input_range=(-1.0, 1.0),
-    feature_batch_size=50,
-    kid_subsets=50, kid_subset_size=100)
 
 
 def _file_digest(path: str) -> str:
@@ -493,15 +457,7 @@ def _inception_errors(config, prefix: str, f) -> List[str]:
 # ----------------------------------------------------------------- loss ----
 
 
-LOSS_DEFAULTS = dict(
-    # "": data.eval_split.
-    split="",
-    num_batches=8,
-    # 0: data.batch_size.
-    batch_size=0,
-    seed=0,
-    # "ema" (what sampling uses) or "raw" (what the optimizer updates).
-    params="ema")
+
 
 
 @functools.lru_cache(maxsize=8)
@@ -557,18 +513,6 @@ def _loss_errors(config, prefix: str, f) -> List[str]:
 
 
 # ------------------------------------------------------- reconstruction ----
-
-
-# Fields of the evaluators that score a fixed subset of held-out images.
-HELDOUT_DEFAULTS = dict(
-    # "": data.eval_split.
-    split="",
-    # 0: the whole split.
-    num_examples=256,
-    # 0: data.batch_size.
-    batch_size=0,
-    seed=0)
-RECONSTRUCTION_DEFAULTS = HELDOUT_DEFAULTS
 
 
 def _heldout_rows(num_available: int, fields) -> np.ndarray:
@@ -653,9 +597,6 @@ def _reconstruction_errors(config, prefix: str, f) -> List[str]:
 # ---------------------------------------------------------- translation ----
 
 
-TRANSLATION_DEFAULTS = HELDOUT_DEFAULTS
-
-
 def _translation(config, name, fields, workdir, real: RealData) -> EvalFn:
   """SSIM, PSNR and MAE of a translator's output against the real target
   contrasts of held-out images (``config.translation``: source and target
@@ -710,18 +651,7 @@ def _translation_errors(config, prefix: str, f) -> List[str]:
 
 # ------------------------------------------------------- mask fidelity ----
 
-MASK_FIDELITY_DEFAULTS = dict(
-    num_examples=64, batch_size=0, seed=0,
-    # "": data.eval_split.
-    split="",
-    # The real-data lesion segmenter that judges where the lesions are.
-    segmenter=dict(ch=16, ch_mult=(1, 2), num_groups=8, steps=200,
-                   steps_per_call=25, batch_size=32, seed=0,
-                   conv_lowering="auto",
-                   optim=dict(name="adamw", lr=2e-3, schedule="cosine",
-                              warmup_steps=0, final_lr_frac=0.05,
-                              weight_decay=1e-4, b1=0.9, b2=0.999,
-                              grad_clip=1.0)))
+
 
 
 def _mask_fidelity(config, name, fields, workdir, real: RealData) -> EvalFn:
@@ -804,25 +734,25 @@ def _mask_fidelity_errors(config, prefix: str, f) -> List[str]:
 
 TYPES: Mapping[str, EvaluatorType] = types.MappingProxyType({
     "generative": EvaluatorType(
-        _generative, GENERATIVE_DEFAULTS, _generative_errors,
+        _generative, defaults.GENERATIVE_DEFAULTS, _generative_errors,
         "in-domain FID/KID, precision/recall, density/coverage, MS-SSIM "
         "diversity, memorization audit"),
     "inception_fid": EvaluatorType(
-        _inception_fid, INCEPTION_DEFAULTS, _inception_errors,
+        _inception_fid, defaults.INCEPTION_DEFAULTS, _inception_errors,
         "FID/KID on Inception-V3 features from a user-supplied weights file"),
     "loss": EvaluatorType(
-        _loss, LOSS_DEFAULTS, _loss_errors,
+        _loss, defaults.LOSS_DEFAULTS, _loss_errors,
         "the method's loss on a held-out split (validation loss)"),
     "translation": EvaluatorType(
-        _translation, TRANSLATION_DEFAULTS, _translation_errors,
+        _translation, defaults.TRANSLATION_DEFAULTS, _translation_errors,
         "SSIM/PSNR/MAE of a translator's output against the real target "
         "contrasts of held-out images"),
     "reconstruction": EvaluatorType(
-        _reconstruction, RECONSTRUCTION_DEFAULTS, _reconstruction_errors,
+        _reconstruction, defaults.RECONSTRUCTION_DEFAULTS, _reconstruction_errors,
         "PSNR/SSIM/MAE (and mask Dice) of an autoencoder's reconstructions "
         "of held-out images"),
     "mask_fidelity": EvaluatorType(
-        _mask_fidelity, MASK_FIDELITY_DEFAULTS, _mask_fidelity_errors,
+        _mask_fidelity, defaults.MASK_FIDELITY_DEFAULTS, _mask_fidelity_errors,
         "Dice of a real-data lesion segmenter on images a mask-conditioned "
         "generator drew for held-out masks"),
 })
@@ -852,14 +782,14 @@ def _as_dict(entry: Any) -> Dict[str, Any]:
   return dict(entry)
 
 
-def _merge(prefix: str, defaults: Mapping[str, Any], given: Mapping[str, Any],
+def _merge(prefix: str, known: Mapping[str, Any], given: Mapping[str, Any],
            errors: List[str]) -> Dict[str, Any]:
   out = {}
   for k, v in given.items():
-    if k not in defaults:
+    if k not in known:
       errors.append(f"{prefix}.{k}: unknown field; known: "
-                    f"{sorted(defaults)}")
-  for k, default in defaults.items():
+                    f"{sorted(known)}")
+  for k, default in known.items():
     v = given.get(k, default)
     if isinstance(default, Mapping):
       if not isinstance(v, Mapping):
