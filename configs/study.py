@@ -200,6 +200,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.study = ml_collections.ConfigDict(dict(
       fractions=_fractions(fractions),
       num_seeds=a.seeds if a.seeds >= 0 else 3,
+      # Statistical power where it matters: every arm of a (task, fraction)
+      # in which a synthetic arm's paired p-value (to real-only or to
+      # real+classical) falls inside decision_band gets extra_seeds more
+      # seeds, the same ones in every arm.
+      extra_seeds=3 if big else 2,
+      decision_band=(0.01, 0.2),
       arms=(("real", "real+classical", "real+synthetic",
              "real+classical+synthetic", "synthetic") if big or a.runlocal
             else ("real", "real+classical", "real+synthetic",
@@ -281,7 +287,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     gen.optim.warmup_steps = 2
     gen.sample.update(steps=3, batch_size=16)
     c.study.update(synthetic_per_class=8, num_seeds=a.seeds if a.seeds >= 0 else 2,
-                   classical_strengths=(0.5, 1.0))
+                   classical_strengths=(0.5, 1.0), extra_seeds=1)
     for t in c.study.tasks.values():
       t.update(steps=a.task_steps or 4, steps_per_call=2, batch_size=8)
       if "segmenter_steps" in t:

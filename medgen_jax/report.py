@@ -361,6 +361,18 @@ def _training_note(config, results) -> str:
           ". ".join(parts) + ".")
 
 
+def _extra_seeds_note(sc, results) -> str:
+  """Which cells got more seeds because a decision was close."""
+  groups = sorted({(r["task"], r["fraction"]) for r in results
+                   if r.get("extra_seeds")})
+  if not groups:
+    return ""
+  low, high = sc.decision_band
+  return (f" (+{sc.extra_seeds} for every arm where a synthetic arm's "
+          f"paired p-value lay in [{low:g}, {high:g}]: "
+          + ", ".join(f"{t} at {f:g}" for t, f in groups) + ")")
+
+
 def _verdict(results, task: str) -> str:
   """One honest sentence per task from the paired deltas."""
   rows = [r for r in results if r["task"] == task and "delta_vs_real" in r]
@@ -515,7 +527,8 @@ def write(summary: Dict[str, Any]) -> Dict[str, str]:
       f"Generators: {', '.join(summary['generators'])} "
       f"({sc.generator_data} training data). Tasks: {', '.join(tasks)}. "
       f"Real-data fractions: {', '.join(f'{f:g}' for f in sc.fractions)}; "
-      f"{sc.num_seeds} seeds per cell; synthetic share of each batch in "
+      f"{sc.num_seeds} seeds per cell{_extra_seeds_note(sc, results)}; "
+      f"synthetic share of each batch in "
       f"mixed arms: {sc.synthetic_ratio:g}. All scores are on the held-out "
       f"real '{sc.test_split}' split (subjects never seen in training). "
       f"Run time {total / 60:.1f} min.")))

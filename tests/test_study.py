@@ -171,14 +171,18 @@ def test_mini_study_every_arm_has_numbers(mini_study):
                    for f in (0.5, 1.0) for a in arms} | {
                        ("translation", f, "pix2pix (translator)")
                        for f in (0.5, 1.0)}
+  seeds = {}
   for r in rows:
-    assert len(r["seed_scores"]) == c.study.num_seeds
+    n = len(r["seed_scores"])
+    assert n == c.study.num_seeds + r.get("extra_seeds", 0)
+    if "translator" not in r["arm"]:  # one seed count per (task, fraction)
+      assert seeds.setdefault((r["task"], r["fraction"]), n) == n, r
     vals = [s[r["primary"]] for s in r["seed_scores"]]
     assert all(np.isfinite(vals)), r
     if "translator" not in r["arm"]:
       # Model selection on the validation split, per seed.
       steps = c.study.tasks[r["task"]].steps
-      assert len(r["selected"]) == c.study.num_seeds
+      assert len(r["selected"]) == len(r["seed_scores"])
       for sel in r["selected"]:
         assert sel["score"] == max(sel["curve"]) and 0 < sel["step"] <= steps
   results = out["results"]
@@ -325,6 +329,70 @@ def test_mini_study_reruns_a_cell_scored_with_other_settings(mini_study):
       rows[i]["task"], rows[i]["fraction"], rows[i]["arm"])
   for got, want in zip(fresh["seed_scores"], rows[i]["seed_scores"]):
     assert got["auc"] == pytest.approx(want["auc"], abs=1e-6)
+
+
+def _record(task, fraction, arm, scores, generator=None):
+  return dict(task=task, fraction=fraction, arm=arm, generator=generator,
+              primary="auc", seed_scores=[{"auc": v} for v in scores],
+              real_examples=[1] * len(scores), real_subjects=[1] * len(scores),
+              selected=[{}] * len(scores))
+
+
+class _FakeDownstream:
+  """Scores every new seed of an arm with its arm's constant (no training),
+  counting the calls."""
+
+  def __init__(self, level):
+    self.level, self.calls = level, []
+
+  def fit_cell(self, task, fraction, arm, seeds):
+    seeds = list(seeds)
+    self.calls.append((task, fraction, arm.name, seeds))
+    n = len(seeds)
+    return dict(gen=arm.generator, primary="auc",
+                seed_scores=[{"auc": self.level[arm.name] + 0.01 * s}
+                             for s in seeds],
+                real_examples=[1] * n, real_subjects=[1] * n,
+                selected=[{}] * n, final_loss=0.0)
+
+
+def test_seeds_are_added_where_a_decision_is_close(tmp_path):
+  arms = study_lib.arm_specs(("real", "real+classical", "real+synthetic"),
+                             ["ddpm"])
+  # At 0.1 the gain is noisy (p ~ 0.1): close; at 1 it is clear (p < 0.01)
+  # and at 0.5 there is none at all (p ~ 0.6): both are left alone.
+  results = [
+      _record("cls", 0.1, "real", [0.60, 0.70, 0.65]),
+      _record("cls", 0.1, "real+classical", [0.61, 0.69, 0.66]),
+      _record("cls", 0.1, "real+ddpm", [0.75, 0.72, 0.90], "ddpm"),
+      _record("cls", 0.5, "real", [0.70, 0.75, 0.72]),
+      _record("cls", 0.5, "real+classical", [0.70, 0.75, 0.72]),
+      _record("cls", 0.5, "real+ddpm", [0.71, 0.73, 0.74], "ddpm"),
+      _record("cls", 1.0, "real", [0.70, 0.71, 0.72]),
+      _record("cls", 1.0, "real+classical", [0.70, 0.71, 0.72]),
+      _record("cls", 1.0, "real+ddpm", [0.80, 0.812, 0.819], "ddpm")]
+  assert study_lib.near_decision(results, (0.01, 0.2)) == [("cls", 0.1)]
+  c = study_config.get_config("runlocal")
+  c.study.update(num_seeds=3, extra_seeds=2)
+  ds = _FakeDownstream({"real": 0.6, "real+classical": 0.6,
+                        "real+ddpm": 0.8})
+  study_lib.add_seeds_near_decisions(c, str(tmp_path), ds, results, arms)
+  # Every arm of the close group, the same two new seeds; nothing else.
+  assert sorted(ds.calls) == [("cls", 0.1, a, [3, 4]) for a in (
+      "real", "real+classical", "real+ddpm")]
+  for r in results:
+    n = 5 if r["fraction"] == 0.1 else 3
+    assert len(r["seed_scores"]) == len(r["selected"]) == n
+    assert r.get("extra_seeds", 0) == (2 if n == 5 else 0)
+  close = [r for r in results if r["arm"] == "real+ddpm"][0]
+  assert close["metrics"]["auc"]["mean"] == pytest.approx(
+      np.mean([0.75, 0.72, 0.90, 0.83, 0.84]))
+  with open(tmp_path / "results.jsonl") as f:
+    assert len([json.loads(l) for l in f]) == 3   # the updated cells
+  # Done once: a second pass adds nothing.
+  ds.calls.clear()
+  study_lib.add_seeds_near_decisions(c, str(tmp_path), ds, results, arms)
+  assert ds.calls == []
 
 
 def test_cell_inputs_change_with_what_a_cell_depends_on():

@@ -403,15 +403,15 @@ def summarize_paired(diffs: Sequence[float],
   return {**out, "p": p}
 
 
-def real_pools(train: Arrays, fraction: float, num_seeds: int,
-               seed_of: Sequence[int], keys: Sequence[str]
-               ) -> Tuple[Arrays, np.ndarray, np.ndarray]:
-  """The real pool and per-seed subject subsets ``[S, N]`` (padded)."""
+def real_pools(train: Arrays, fraction: float, subset_seeds: Sequence[int],
+               keys: Sequence[str]) -> Tuple[Arrays, np.ndarray, np.ndarray]:
+  """The real pool and per-seed subject subsets ``[S, N]`` (padded); seed
+  ``s`` draws its subjects with ``subset_seeds[s]``."""
   n = len(train["image"])
-  index = np.zeros((num_seeds, n), np.int32)
-  count = np.zeros((num_seeds,), np.int32)
-  for s in range(num_seeds):
-    rows = pipeline.subject_subset(train["subject_id"], fraction, seed_of[s])
+  index = np.zeros((len(subset_seeds), n), np.int32)
+  count = np.zeros((len(subset_seeds),), np.int32)
+  for s, subset_seed in enumerate(subset_seeds):
+    rows = pipeline.subject_subset(train["subject_id"], fraction, subset_seed)
     index[s, :len(rows)] = rows
     count[s] = len(rows)
   return {k: train[k] for k in keys}, index, count
@@ -444,7 +444,7 @@ def classical_strengths(config: ml_collections.ConfigDict, workdir: str,
       out[name] = saved[name]
       continue
     fitter = fitter_for(name)
-    pool, index, count = real_pools(train, 1.0, 1, [0], data_keys)
+    pool, index, count = real_pools(train, 1.0, [0], data_keys)
     pools = fit_lib.Pools(
         real={k: jnp.asarray(v) for k, v in pool.items()},
         real_index=jnp.asarray(index), real_count=jnp.asarray(count),
@@ -466,6 +466,109 @@ def classical_strengths(config: ml_collections.ConfigDict, workdir: str,
   return out
 
 
+@dataclasses.dataclass
+class _Downstream:
+  """What fitting the study's cells needs, built once per run."""
+
+  config: ml_collections.ConfigDict
+  real: Dict[str, Arrays]
+  synthetic: Dict[str, Arrays]
+  fitters: Dict[str, fit_lib.Fitter]
+  strength: Dict[str, Any]
+  placeholder: Arrays
+  segmenters: Dict[str, "TargetSegmenter"]
+
+  def fitter(self, task_name: str) -> fit_lib.Fitter:
+    if task_name not in self.fitters:
+      c = self.config
+      tcfg = c.study.tasks[task_name]
+      task = tasks_lib.make_task(task_name, tcfg, list(c.data.contrasts),
+                                 c.data.spatial_dims)
+      # Translation targets are image channels: move them with the input
+      # but keep intensity changes to the input channels only.
+      augment_fn = augment_lib.make_augment_fn(
+          c.augment, c.data.spatial_dims,
+          intensity_channels=(task.inputs if task.kind == "translation"
+                              else None))
+      self.fitters[task_name] = fit_lib.make_fitter(task, tcfg, augment_fn)
+    return self.fitters[task_name]
+
+  def fit_cell(self, task_name: str, fraction: float, arm: ArmSpec,
+               seeds: Sequence[int]) -> Dict[str, Any]:
+    """Trains and scores seeds ``seeds`` (indices) of one cell; seed ``s``
+    has the same key and real subjects in every arm of its task and
+    fraction, so arms are paired by seed."""
+    c, sc = self.config, self.config.study
+    tcfg = sc.tasks[task_name]
+    fitter = self.fitter(task_name)
+    train = self.real[c.data.train_split]
+    test = self.real[sc.test_split]
+    data_keys = ["image", "label"] + [
+        k for k in (mask_key(c),) if k in train]
+    per_fraction = sc.generator_data == "per_fraction"
+    pool, index, count = real_pools(
+        train, fraction, [0 if per_fraction else s for s in seeds],
+        data_keys)
+    gen = _gen_for(arm, fraction, c)
+    # Arms without synthetic data get a same-shaped placeholder, so every
+    # cell of a task reuses one compiled program.
+    syn = self.placeholder
+    size = len(syn["image"])
+    if gen:
+      syn = {k: np.concatenate([self.synthetic[gen][k], syn[k]])[:size]
+             for k in data_keys}
+    pools = fit_lib.Pools(
+        real={k: jnp.asarray(v) for k, v in pool.items()},
+        real_index=jnp.asarray(index), real_count=jnp.asarray(count),
+        synthetic={k: jnp.asarray(syn[k]) for k in data_keys},
+        synthetic_count=jnp.asarray(
+            len(self.synthetic[gen]["image"]) if gen else 0, jnp.int32))
+    all_keys = fit_lib.seed_keys(c.seed, max(seeds) + 1)
+    chosen = self.strength.get(task_name, {}).get("chosen", 1.0)
+    states, losses, selected = fit_lib.fit(
+        fitter, pools,
+        fit_lib.make_arm(arm.synthetic_fraction(sc.synthetic_ratio),
+                         arm.classical, chosen),
+        [all_keys[s] for s in seeds],
+        desc=f"{task_name} f={fraction:g} {arm.name}",
+        validation=(self.real[c.data.eval_split]
+                    if tcfg.get("model_selection") else None))
+    seed_scores = fit_lib.score_seeds(fitter, states, test)
+    if fitter.task.kind == "translation" and tcfg.get("segmenter_steps", 0):
+      if task_name not in self.segmenters:
+        self.segmenters[task_name] = train_target_segmenter(
+            fitter.task, tcfg, c, pools, test)
+      for st, scores in zip(states, seed_scores):
+        scores.update(self.segmenters[task_name].score_translation(
+            fitter, st, test))
+    return dict(
+        gen=gen, primary=fitter.task.primary, seed_scores=seed_scores,
+        real_examples=count.tolist(),
+        real_subjects=[
+            int(len(np.unique(train["subject_id"][index[i, :n]])))
+            for i, n in enumerate(count)],
+        final_loss=float(losses[-max(1, len(losses) // 10):].mean()),
+        selected=list(selected))
+
+
+def _metrics(seed_scores: Sequence[Dict[str, float]]
+             ) -> Dict[str, Dict[str, float]]:
+  return {m: summarize([s[m] for s in seed_scores], tasks_lib.metric_range(m))
+          for m in seed_scores[0]}
+
+
+def _downstream(config, real: Dict[str, Arrays], synthetic: Dict[str, Arrays],
+                strength: Dict[str, Any], fitters: Dict[str, fit_lib.Fitter],
+                segmenters: Dict[str, "TargetSegmenter"]) -> _Downstream:
+  train = real[config.data.train_split]
+  size = max([len(s["image"]) for s in synthetic.values()] or [1])
+  placeholder = {k: np.zeros((size,) + train[k].shape[1:], train[k].dtype)
+                 for k in ("image", "label", mask_key(config))
+                 if k in train}
+  return _Downstream(config, real, synthetic, fitters, strength, placeholder,
+                     segmenters)
+
+
 def run_downstream(config, workdir: str, real: Dict[str, Arrays],
                    synthetic: Dict[str, Arrays],
                    segmenters: Optional[Dict[str, "TargetSegmenter"]] = None
@@ -476,38 +579,23 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
   path = os.path.join(workdir, RESULTS)
   done = _done_cells(path)
   arms = arm_specs(sc.arms, list(config.generators))
-  test = real[sc.test_split]
   train = real[config.data.train_split]
   # Model selection's held-out data: never the test subjects.
   validation = real[config.data.eval_split]
-  per_fraction = sc.generator_data == "per_fraction"
-  seed_of = [0 if per_fraction else s for s in range(sc.num_seeds)]
   synthetic_fps = {k: encoder_lib.fingerprint(v) for k, v in synthetic.items()}
   synthetic_fps[None] = ""  # arms without synthetic data
   cells = [(t, f, a) for t in sc.tasks for f in sc.fractions for a in arms]
   fitters: Dict[str, fit_lib.Fitter] = {}
-
-  def fitter_for(task_name: str) -> fit_lib.Fitter:
-    if task_name not in fitters:
-      tcfg = sc.tasks[task_name]
-      task = tasks_lib.make_task(task_name, tcfg, list(config.data.contrasts),
-                                 config.data.spatial_dims)
-      # Translation targets are image channels: move them with the input
-      # but keep intensity changes to the input channels only.
-      augment_fn = augment_lib.make_augment_fn(
-          config.augment, config.data.spatial_dims,
-          intensity_channels=(task.inputs if task.kind == "translation"
-                              else None))
-      fitters[task_name] = fit_lib.make_fitter(task, tcfg, augment_fn)
-    return fitters[task_name]
-
-  strength = classical_strengths(
-      config, workdir, train, validation, fitter_for,
+  segmenters = {} if segmenters is None else segmenters
+  ds = _downstream(config, real, synthetic, {}, fitters, segmenters)
+  ds.strength = classical_strengths(
+      config, workdir, train, validation, ds.fitter,
       [t for t in sc.tasks if any(a.classical for a in arms)])
   # What each cell's scores depend on (see cell_inputs), computed once.
   want = {(t, f, a.name): cell_inputs(config, t,
                                       synthetic_fps[_gen_for(a, f, config)],
-                                      strength.get(t, {}).get("chosen", 1.0))
+                                      ds.strength.get(t, {}).get("chosen",
+                                                                 1.0))
           for t, f, a in cells}
   for key in [k for k in want if k in done and
               done[k].get("inputs") != want[k]]:
@@ -517,69 +605,76 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
   todo = [c for c in cells if (c[0], c[1], c[2].name) not in done]
   results = [done[(t, f, a.name)] for t, f, a in cells
              if (t, f, a.name) in done]
-  segmenters = {} if segmenters is None else segmenters
-  keys = fit_lib.seed_keys(config.seed, sc.num_seeds)
-  size = max([len(s["image"]) for s in synthetic.values()] or [1])
-  placeholder = {k: np.zeros((size,) + train[k].shape[1:], train[k].dtype)
-                 for k in ("image", "label", mask_key(config))
-                 if k in train}
   for task_name, fraction, arm in runtime.progress(todo, len(todo),
                                                    desc="study"):
-    tcfg = sc.tasks[task_name]
-    fitter = fitter_for(task_name)
-    data_keys = ["image", "label"] + [
-        k for k in (mask_key(config),) if k in train]
-    pool, index, count = real_pools(train, fraction, sc.num_seeds, seed_of,
-                                    data_keys)
-    gen = _gen_for(arm, fraction, config)
-    # Arms without synthetic data get a same-shaped placeholder, so every
-    # cell of a task reuses one compiled program.
-    syn = placeholder
-    if gen:
-      syn = {k: np.concatenate([synthetic[gen][k], placeholder[k]])[:size]
-             for k in data_keys}
-    pools = fit_lib.Pools(
-        real={k: jnp.asarray(v) for k, v in pool.items()},
-        real_index=jnp.asarray(index), real_count=jnp.asarray(count),
-        synthetic={k: jnp.asarray(syn[k]) for k in data_keys},
-        synthetic_count=jnp.asarray(
-            len(synthetic[gen]["image"]) if gen else 0, jnp.int32))
     t0 = time.time()
-    desc = f"{task_name} f={fraction:g} {arm.name}"
-    states, losses, selected = fit_lib.fit(
-        fitter, pools,
-        fit_lib.make_arm(arm.synthetic_fraction(sc.synthetic_ratio),
-                         arm.classical,
-                         strength.get(task_name, {}).get("chosen", 1.0)),
-        keys, desc=desc,
-        validation=validation if tcfg.get("model_selection") else None)
-    seed_scores = fit_lib.score_seeds(fitter, states, test)
-    if fitter.task.kind == "translation" and tcfg.get("segmenter_steps", 0):
-      if task_name not in segmenters:
-        segmenters[task_name] = train_target_segmenter(
-            fitter.task, tcfg, config, pools, test)
-      for st, scores in zip(states, seed_scores):
-        scores.update(segmenters[task_name].score_translation(fitter, st,
-                                                              test))
+    cell = ds.fit_cell(task_name, fraction, arm, range(sc.num_seeds))
     record = dict(
-        task=task_name, kind=tcfg.kind, fraction=fraction, arm=arm.name,
-        arm_kind=arm.kind, generator=gen, primary=fitter.task.primary,
-        seed_scores=seed_scores,
-        metrics={m: summarize([s[m] for s in seed_scores],
-                              tasks_lib.metric_range(m))
-                 for m in seed_scores[0]},
-        real_examples=count.tolist(),
-        real_subjects=[int(len(np.unique(train["subject_id"][index[s, :c]])))
-                       for s, c in enumerate(count)],
-        final_loss=float(losses[-max(1, len(losses) // 10):].mean()),
-        selected=selected,
+        task=task_name, kind=sc.tasks[task_name].kind, fraction=fraction,
+        arm=arm.name, arm_kind=arm.kind, generator=cell.pop("gen"),
+        **cell, metrics=_metrics(cell["seed_scores"]),
         seconds=time.time() - t0,
         inputs=want[(task_name, fraction, arm.name)])
     # Replaces a stale line of this cell, keeps every other line.
     key = _cell_key(record)
     jsonl.rewrite(path, lambda r, key=key: _cell_key(r) != key, append=record)
     results.append(record)
+  if sc.get("extra_seeds", 0):
+    add_seeds_near_decisions(config, workdir, ds, results, arms)
   return results
+
+
+def near_decision(results: Sequence[Dict[str, Any]], band: Sequence[float]
+                  ) -> List[Tuple[str, float]]:
+  """``(task, fraction)`` groups in which a synthetic arm's paired
+  difference to real-only or to real+classical has a p-value inside
+  ``band = (low, high)``: neither clearly there nor clearly absent, so
+  more seeds can change the verdict."""
+  paired = [dict(r) for r in results]
+  paired_deltas(paired)
+  low, high = band
+  out = []
+  for r in paired:
+    if not r.get("generator"):
+      continue
+    ps = [r[k]["p"] for k in ("delta_vs_real", "delta_vs_classical")
+          if k in r and np.isfinite(r[k].get("p", np.nan))]
+    if any(low <= p <= high for p in ps):
+      group = (r["task"], r["fraction"])
+      if group not in out:
+        out.append(group)
+  return out
+
+
+def add_seeds_near_decisions(config, workdir: str, ds: _Downstream,
+                             results: List[Dict[str, Any]],
+                             arms: Sequence[ArmSpec]) -> None:
+  """Gives every arm of each :func:`near_decision` group
+  ``study.extra_seeds`` more seeds (the same new seeds in every arm, so
+  the pairing holds), once; records are updated in place and on disk."""
+  sc = config.study
+  total = sc.num_seeds + sc.extra_seeds
+  path = os.path.join(workdir, RESULTS)
+  groups = [g for g in near_decision(results, sc.decision_band)
+            if any(len(r["seed_scores"]) < total for r in results
+                   if (r["task"], r["fraction"]) == g)]
+  by_cell = {(r["task"], r["fraction"], r["arm"]): r for r in results}
+  todo = [(t, f, a) for t, f in groups for a in arms
+          if (t, f, a.name) in by_cell and
+          len(by_cell[(t, f, a.name)]["seed_scores"]) < total]
+  for task_name, fraction, arm in runtime.progress(
+      todo, len(todo), desc="extra seeds"):
+    r = by_cell[(task_name, fraction, arm.name)]
+    t0 = time.time()
+    cell = ds.fit_cell(task_name, fraction, arm,
+                       range(len(r["seed_scores"]), total))
+    for k in ("seed_scores", "real_examples", "real_subjects", "selected"):
+      r[k] = list(r[k]) + list(cell[k])
+    r["metrics"] = _metrics(r["seed_scores"])
+    r["extra_seeds"] = total - sc.num_seeds
+    r["seconds"] = r.get("seconds", 0.0) + time.time() - t0
+    key = _cell_key(r)
+    jsonl.rewrite(path, lambda x, key=key: _cell_key(x) != key, append=r)
 
 
 @dataclasses.dataclass(frozen=True)
