@@ -14,8 +14,11 @@ for every real-data fraction and seed, scores them on the held-out real test
 subjects, and writes ``report.md``/``report.html`` with tables, plots and
 sample grids.
 
+The GPU/TPU preset, the same study at full strength, is
+``configs/study_gpu.py`` (a short file of overrides on this one).
+
 Args (``key=value`` after the colon):
-  res: image side (32 on a CPU; 64/128 on GPUs).
+  res: image side (32 here; the GPU preset defaults to 64).
   seeds: seeds per cell (mean and 95% CI over seeds); default 3 (2 with
     runlocal).
   fractions: real-data fractions joined by "+", e.g. "0.1+0.25+1".
@@ -140,15 +143,21 @@ def _fractions(value: str):
   return tuple(out)
 
 
+# The args and their defaults (see the module docstring).
+ARGS = dict(res=32, seeds=-1, fractions="",
+            tasks="classification+segmentation", gen_steps=0, task_steps=0,
+            generator_data="full", generators="ddpm", translators="",
+            translator_steps=0, runlocal=False)
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, res=32, seeds=-1, fractions="",
-                       tasks="classification+segmentation", gen_steps=0,
-                       task_steps=0, generator_data="full",
-                       generators="ddpm", translators="", translator_steps=0,
-                       runlocal=False)
-  # Two sizes: the CPU default (res <= 32) must finish in ~15 min on two
-  # cores; res >= 64 is the full study for GPUs/TPUs.
-  big = a.res >= 64
+  return build(common.parse_arg(arg, **ARGS))
+
+
+def build(a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The study config of parsed args ``a`` (:data:`ARGS`)."""
+  # Sized for the default job: ~15 min on two CPU cores at 32 px. The
+  # GPU/TPU preset (configs/study_gpu.py) overrides the sizes.
   contrasts = ("t1w", "t2w", "flair")
   c = ml_collections.ConfigDict()
   c.kind = "study"
@@ -158,45 +167,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # --- generators: any method config; the study sets their data section.
   gen = ddpm.get_config(f"res={a.res}")
   gen.data = common.data_config(res=a.res, contrasts=contrasts, cond="label",
-                                batch_size=64 if big else 16)
+                                batch_size=16)
   gen.data.mask_channels = ("lesion_mask",)
-  # v-prediction: with the cosine schedule an eps model's x0 estimates at
-  # low SNR are its errors times 1/sqrt(alpha_bar), and its samples had the
-  # wrong global structure (21% background pixels in FLAIR against 58% in
-  # the real slices, speckled masks on both classes); a v model matches the
-  # real background, brain intensities and empty no-lesion masks.
+  # v-prediction, 4000 steps, guidance w=3 and eta=1: why, with the
+  # measurements, in docs/study.md ("What made the generator usable").
   gen.method.prediction = "v"
-  if big:
-    gen.model.update(num_groups=32)
-    gen.train.update(num_steps=a.gen_steps or 40_000, sample_every=5_000,
-                     ckpt_every=1_000)
-  else:
-    gen.model.update(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
-                     attn_resolutions=(), num_groups=8)
-    gen.optim.update(lr=1e-3, warmup_steps=50, schedule="cosine",
-                     final_lr_frac=0.1)
-    # 4000 steps: at 1500 the v model drew no lesions even with guidance.
-    gen.train.update(num_steps=a.gen_steps or 4000, sample_every=0,
-                     ckpt_every=250, log_every=50, ema=0.995, ema_warmup=50)
-  # Classifier-free guidance makes the small CPU model draw the lesions its
-  # label asks for: of 64 lesion-class samples, 11% had a lesion mask at
-  # w=0, 73% at w=2, 92% at w=3 (median area 6 px, as in the real slices)
-  # and 100% at w=4 (10 px); no-lesion masks stayed empty at every w. At w=3
-  # the no-lesion samples lean to low slices (31% with under 30% brain
-  # pixels, against 14% of the real ones and 4% at w=0), yet guiding the
-  # lesion class only (guidance_per_class=(0, 3)) scored worse in the
-  # default job: KID x1000 48.7 vs 3.7, MS-SSIM 0.43 vs 0.31 (less diverse),
-  # classification gain at 0.1 of real +0.13 vs +0.22 AUC. The guided call
-  # doubles the sampling batch. eta=1: fresh noise in every step, as in the
-  # ancestral sampler, for the short-trained CPU model.
-  gen.sample.update(steps=50 if big else 25, eta=0.0 if big else 1.0,
-                    guidance_scale=1.0 if big else 3.0, batch_size=128)
+  gen.model.update(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
+                   attn_resolutions=(), num_groups=8)
+  gen.optim.update(lr=1e-3, warmup_steps=50, schedule="cosine",
+                   final_lr_frac=0.1)
+  gen.train.update(num_steps=a.gen_steps or 4000, sample_every=0,
+                   ckpt_every=250, log_every=50, ema=0.995, ema_warmup=50)
+  gen.sample.update(steps=25, eta=1.0, guidance_scale=3.0, batch_size=128)
   c.generators = ml_collections.ConfigDict()
   for name in _entries("generators", a.generators):
     c.generators[name] = gen if name == "ddpm" else _generator(name, a)
 
-  steps = a.task_steps or (2000 if big else 200)
-  fractions = a.fractions or ("0.05+0.1+0.25+1" if big else "0.1+1")
+  steps = a.task_steps or 200
+  fractions = a.fractions or "0.1+1"
   c.study = ml_collections.ConfigDict(dict(
       fractions=_fractions(fractions),
       num_seeds=a.seeds if a.seeds >= 0 else 3,
@@ -204,37 +192,33 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # in which a synthetic arm's paired p-value (to real-only or to
       # real+classical) falls inside decision_band gets extra_seeds more
       # seeds, the same ones in every arm.
-      extra_seeds=3 if big else 2,
+      extra_seeds=2,
       decision_band=(0.01, 0.2),
-      arms=(("real", "real+classical", "real+synthetic",
-             "real+classical+synthetic", "synthetic") if big or a.runlocal
-            else ("real", "real+classical", "real+synthetic",
-                  "real+classical+synthetic")),
+      arms=("real", "real+classical", "real+synthetic",
+            "real+classical+synthetic"),
       # Share of every training batch drawn from the synthetic set.
       synthetic_ratio=0.5,
       # Multipliers of every classical augmentation probability tried on
       # the validation split (one seed each); the best is every classical
       # arm's, so generative arms are compared with a tuned baseline.
       classical_strengths=(0.25, 0.5, 1.0),
-      synthetic_per_class=1000 if big else 128,
+      synthetic_per_class=128,
       synthetic_seed=1234,
       generator_data=a.generator_data,
       test_split="test",
       export_nifti=False,
       tasks=ml_collections.ConfigDict(),
   ))
-  w = 32 if big else 8
-  batch = 64 if big else 16
+  w, batch = 8, 16
   tasks = {
       "classification": _task(
           "classification", ("auto",), "label", 2, steps, batch, 2e-3,
-          dict(width=w, stage_sizes=(2, 2, 2) if big else (1, 1, 1),
-               num_groups=8)),
-      # Two levels on the CPU: at 32 px lesions are a few pixels wide, and
-      # XLA:CPU time there is per-op overhead rather than FLOPs.
+          dict(width=w, stage_sizes=(1, 1, 1), num_groups=8)),
+      # Two levels: at 32 px lesions are a few pixels wide, and XLA:CPU
+      # time there is per-op overhead rather than FLOPs.
       "segmentation": _task(
           "segmentation", ("auto",), "auto", 2, steps, batch, 2e-3,
-          dict(ch=w, ch_mult=(1, 2, 4) if big else (1, 2), num_groups=8)),
+          dict(ch=w, ch_mult=(1, 2), num_groups=8)),
       "translation": _task(
           "translation", ("auto",), "auto", 0, steps, batch, 2e-3,
           dict(ch=w, ch_mult=(1, 2, 4), num_groups=8)),
@@ -259,14 +243,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.augment = common.augment_config()
   # The in-domain feature extractor for FID/KID/PR/memorization. It must
   # separate the classes, or the metrics cannot see a generator that gets
-  # a class wrong: at 32 px, held-out AUC 0.59 after 200 steps at lr 2e-3
-  # (FID blind to a dropped lesion class), 0.79 after 1000 at lr 1e-3
-  # (FID and KID rise as the class is dropped; see the report's metric
-  # validation).
+  # a class wrong (docs/study.md: held-out AUC 0.59 after 200 steps, 0.79
+  # after these 1000).
   c.encoder = ml_collections.ConfigDict(dict(
-      width=32 if big else 16, stage_sizes=(1, 1, 1), num_groups=8,
-      num_classes=2, steps=2000 if big else 1000, steps_per_call=25,
-      batch_size=64 if big else 32, seed=0,
+      width=16, stage_sizes=(1, 1, 1), num_groups=8,
+      num_classes=2, steps=1000, steps_per_call=25,
+      batch_size=32, seed=0,
       conv_lowering="auto",
       optim=dict(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=0,
                  final_lr_frac=0.05, weight_decay=1e-4, b1=0.9, b2=0.999,
@@ -287,7 +269,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     gen.optim.warmup_steps = 2
     gen.sample.update(steps=3, batch_size=16)
     c.study.update(synthetic_per_class=8, num_seeds=a.seeds if a.seeds >= 0 else 2,
-                   classical_strengths=(0.5, 1.0), extra_seeds=1)
+                   classical_strengths=(0.5, 1.0), extra_seeds=1,
+                   arms=c.study.arms + ("synthetic",))
     for t in c.study.tasks.values():
       t.update(steps=a.task_steps or 4, steps_per_call=2, batch_size=8)
       if "segmenter_steps" in t:
