@@ -134,9 +134,10 @@ def main(argv):
   # training, the trainer holds both back until the running step is done and
   # then checkpoints it (see medgen_jax/train/interrupts.py).
   signal.signal(signal.SIGTERM, _raise_interrupt)
-  runtime.setup(config)
   workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
   try:
+    # Inside the boundary: a bad multi-process setting is one line too.
+    runtime.setup(config)
     config_check.validate(config, num_devices=jax.device_count())
     from medgen_jax import commands  # pylint: disable=import-outside-toplevel
     commands.run(_MODE.value, config, workdir)

@@ -362,7 +362,15 @@ def base_config() -> ml_collections.ConfigDict:
       mesh_fsdp=1,
       # Parameters larger than this many elements are sharded over "fsdp".
       fsdp_min_size=2**18,
+      # Multi-process training (docs/multihost.md): True initialises
+      # jax.distributed. The three settings below override
+      # $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES and $JAX_PROCESS_ID;
+      # left unset ("", 0, -1) they come from there or from the cluster
+      # (SLURM, TPU pods). num_processes > 1 implies distributed.
       distributed=False,
+      coordinator_address="",
+      num_processes=0,
+      process_id=-1,
   ))
   return c
 

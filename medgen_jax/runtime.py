@@ -3,7 +3,7 @@
 import logging
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import ml_collections
@@ -257,13 +257,96 @@ def init_key(seed: int) -> jax.Array:
   return jax.random.key(seed, impl="rbg")
 
 
+class DistributedSetupError(errors.UserError, ValueError):
+  """The multi-process settings are incomplete or inconsistent."""
+
+
+# Read by :func:`distributed_args`; of these, jax 0.10's initialize reads only
+# the coordinator's address itself.
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> Optional[int]:
+  raw = environ.get(name, "").strip()
+  if not raw:
+    return None
+  try:
+    return int(raw)
+  except ValueError:
+    raise DistributedSetupError(
+        f"${name}={raw!r} is not an integer; unset it or give a "
+        "number") from None
+
+
+def distributed_args(train_cfg: Optional[ml_collections.ConfigDict],
+                     environ: Optional[Mapping[str, str]] = None
+                     ) -> Optional[Dict[str, Any]]:
+  """``jax.distributed.initialize`` arguments, or None for a one-process run.
+
+  Each of ``coordinator_address``, ``num_processes`` and ``process_id`` comes
+  from ``train.<name>`` if set (``""``, ``0``, ``-1`` mean unset), else from
+  ``$JAX_COORDINATOR_ADDRESS``, ``$JAX_NUM_PROCESSES``, ``$JAX_PROCESS_ID``;
+  what is still None JAX detects from the cluster (SLURM, TPU pods, Open
+  MPI, ...). A run is distributed with ``train.distributed=True`` or when
+  more than one process is asked for.
+  """
+  environ = os.environ if environ is None else environ
+  t = train_cfg if train_cfg is not None else ml_collections.ConfigDict()
+  address = t.get("coordinator_address", "") or environ.get(
+      COORDINATOR_ENV, "").strip() or None
+  num = t.get("num_processes", 0) or _env_int(environ, NUM_PROCESSES_ENV)
+  pid = t.get("process_id", -1)
+  pid = _env_int(environ, PROCESS_ID_ENV) if pid is None or pid < 0 else pid
+  if not (t.get("distributed", False) or (num or 1) > 1):
+    return None
+  if num is not None and num < 1:
+    raise DistributedSetupError(
+        f"train.num_processes / ${NUM_PROCESSES_ENV} = {num}: must be >= 1")
+  if pid is not None and (pid < 0 or (num is not None and pid >= num)):
+    raise DistributedSetupError(
+        f"process id {pid} (train.process_id / ${PROCESS_ID_ENV}) is not in "
+        f"[0, {num}): give each process its own id below the number of "
+        "processes")
+  if address is not None and ":" not in address:
+    raise DistributedSetupError(
+        f"coordinator address {address!r} needs a port (host:port, e.g. "
+        "10.0.0.1:1234); set train.coordinator_address or "
+        f"${COORDINATOR_ENV}")
+  return {"coordinator_address": address, "num_processes": num,
+          "process_id": pid}
+
+
+def init_distributed(args: Dict[str, Any]) -> None:
+  """``jax.distributed.initialize(**args)``; on CPU, cross-process
+  collectives over gloo (TCP) unless ``$JAX_CPU_COLLECTIVES_IMPLEMENTATION``
+  chose another. Must run before JAX creates its backends."""
+  if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+    # Only the CPU client reads this. Explicit because older jax versions
+    # default to no cross-process collectives on CPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**args)
+  except ValueError as e:
+    # No cluster was detected and an argument is missing.
+    raise DistributedSetupError(
+        f"cannot start a multi-process run: {str(e).rstrip('.')}. Outside "
+        f"SLURM / TPU pods / Open MPI set ${COORDINATOR_ENV} (host:port of "
+        f"process 0), ${NUM_PROCESSES_ENV} and ${PROCESS_ID_ENV} in every "
+        "process (or train.coordinator_address, train.num_processes, "
+        "train.process_id); see docs/multihost.md") from None
+  absl_logging.info(
+      "process %d of %d, %d local / %d global devices", jax.process_index(),
+      jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def setup(config: ml_collections.ConfigDict) -> None:
-  """XLA:CPU flags, multi-host init (behind ``train.distributed``), caching,
-  log filters."""
+  """XLA:CPU flags, multi-process init (see :func:`distributed_args`),
+  caching, log filters."""
   set_xla_cpu_flags()
   quiet_library_logs()
-  if config.get("train") and config.train.get("distributed", False):
-    # Reads coordinator address / process ids from the cluster environment
-    # (SLURM, TPU pods, or JAX_COORDINATOR_ADDRESS & co).
-    jax.distributed.initialize()
+  args = distributed_args(config.get("train"))
+  if args is not None:
+    init_distributed(args)
   enable_compilation_cache()

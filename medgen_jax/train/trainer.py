@@ -5,6 +5,12 @@ shardings, jit, checkpoint/resume, EMA (through the method's update), metric
 writing, progress reporting and periodic sample grids. Steps, data order and
 per-step PRNG keys are functions of the step number, so a resumed run
 continues exactly where the last checkpoint left it.
+
+In a multi-process run (docs/multihost.md) every process runs this loop on
+its own slice of each global batch; process 0 alone writes the workdir's
+files (config, metrics, grids, TensorBoard events), orbax writes the
+checkpoints from all of them, and a signal to any process stops all of them
+after the same step.
 """
 
 import concurrent.futures
@@ -43,6 +49,28 @@ class NonFiniteLossError(errors.NonFiniteError):
   """Raised when a logged training metric becomes NaN or Inf."""
 
 
+def is_primary() -> bool:
+  """This process writes the workdir's files (process 0 of a multi-process
+  run; every one-process run)."""
+  return jax.process_index() == 0
+
+
+def _sync_processes(name: str) -> None:
+  """Waits until every process got here (no-op in a one-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def _prepare_data(data_cfg: ml_collections.ConfigDict) -> None:
+  """Builds a missing data set once, on process 0, before the others read
+  it: processes building it together would write the same files at once."""
+  if jax.process_count() > 1:
+    if is_primary():
+      pipeline.prepare(data_cfg)
+    _sync_processes("medgen_jax: data set prepared")
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """Everything built from a config before the first compilation."""
@@ -74,6 +102,7 @@ def build_experiment(config: ml_collections.ConfigDict,
   ``devices`` restricts the mesh (default: all devices).
   """
   mesh = sharding_lib.make_mesh(config.train, devices)
+  _prepare_data(config.data)
   data = pipeline.make_train_data(config.data)
   batch = example_batch(data, mesh)
   method = methods.build(config, batch)
@@ -210,6 +239,65 @@ class TrainStep:
     return _run_step(self.jitted, state, batch, rng)
 
 
+class ProcessInterrupts(interrupts_lib.Interrupts):
+  """Ctrl-C and SIGTERM for a multi-process run: all processes stop after the
+  same step.
+
+  A scheduler signals every process, but each at its own point of the loop,
+  and one that stopped alone would leave the others waiting in the next
+  step's collectives. Here a signal never interrupts: it is held, and at
+  :meth:`stop_point`, which every process calls once per step, the processes
+  combine what they hold (a max over one number per device). The result is
+  read one step later, so the host never waits for the device: a signal
+  that arrived during step ``s`` stops every process after step ``s + 1``.
+  """
+
+  def __init__(self):
+    super().__init__()
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+    self._sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("all"))
+    self._max = jax.jit(lambda x: x.max(),
+                        out_shardings=sharding_lib.replicated(mesh))
+    self._combined: Optional[jax.Array] = None  # of the last stop point
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.pending is None:
+      logging.warning("Received signal %d; all processes stop after the next "
+                      "step.", signum)
+    self.pending = signum
+
+  @contextlib.contextmanager
+  def deferred(self):
+    """Signals are always held; the block never raises for one."""
+    yield
+
+  def stop_point(self) -> None:
+    """Raises ``KeyboardInterrupt`` on every process if any process held a
+    signal at the previous stop point. Collective: every process calls it
+    once per step."""
+    held = np.full((jax.local_device_count(),), self.pending or 0, np.int32)
+    combined = self._max(
+        jax.make_array_from_process_local_data(self._sharding, held))
+    previous, self._combined = self._combined, combined
+    if previous is not None and int(previous):
+      self.pending = None
+      raise KeyboardInterrupt(f"received signal {int(previous)}")
+
+
+class _LocalInterrupts(interrupts_lib.Interrupts):
+  """One process: a held signal is raised when its block ends."""
+
+  def stop_point(self) -> None:
+    pass
+
+
+def interrupts_for_run() -> interrupts_lib.Interrupts:
+  """The signal handling of this run's process count."""
+  return ProcessInterrupts() if jax.process_count() > 1 else _LocalInterrupts()
+
+
 def jit_train_step(exp: Experiment) -> TrainStep:
   """The experiment's :class:`TrainStep`."""
   return TrainStep(exp)
@@ -284,13 +372,20 @@ def write_sample_grid(exp: Experiment, state: PyTree, path: str,
   return _save_grid(out, d, path)
 
 
+def _first_examples(exp: Experiment, num: int) -> Dict[str, np.ndarray]:
+  """The first ``num`` examples of the step-0 global batch: the same on
+  every process (a process's own batcher yields only its slice)."""
+  whole = dataclasses.replace(exp.data.batcher, process_index=0,
+                              process_count=1)
+  return {k: np.asarray(v[:num]) for k, v in whole.batch(0).items()}
+
+
 def write_reconstruction_grid(exp: Experiment, state: PyTree, path: str,
                               num: int) -> np.ndarray:
   """Rows of real training examples and below each its reconstruction (a
   method with ``reconstruct``); saves the PNG and returns it."""
   d = exp.config.data
-  batch = jax.device_get(exp.data.batcher.batch(0))
-  batch = {k: np.asarray(v[:num]) for k, v in batch.items()}
+  batch = _first_examples(exp, num)
   recon = sampling.reconstruct(exp.method, state, d, batch, exp.sample_rng,
                                len(batch["image"]))
   real = sampling.split_outputs(batch["image"], d)
@@ -310,13 +405,14 @@ def write_translation_grid(exp: Experiment, state: PyTree, path: str,
   the PNG and returns it."""
   t = exp.config.translation
   contrasts = list(exp.config.data.contrasts)
-  image = np.asarray(jax.device_get(exp.data.batcher.batch(0))["image"])[:num]
+  image = _first_examples(exp, num)["image"]
   src = image[..., [contrasts.index(c) for c in t.source]]
   tgt = image[..., [contrasts.index(c) for c in t.target]]
   pred = sampling.translate(exp.method, state, src, exp.sample_rng, len(src))
   rows = np.concatenate([src[..., :1], pred[..., :1], tgt[..., :1]])
   grid = viz.image_grid(rows, exp.config.data.spatial_dims, ncol=len(src))
-  viz.save_png(grid, path)
+  if is_primary():
+    viz.save_png(grid, path)
   return grid
 
 
@@ -326,7 +422,8 @@ def _save_grid(out: Dict[str, np.ndarray], d, path: str,
   masks = out[mask_keys[0]] if mask_keys else None
   grid = viz.image_grid(out["image"], d.spatial_dims, masks=masks,
                         ncol=ncol)
-  viz.save_png(grid, path)
+  if is_primary():  # every process drew the same grid
+    viz.save_png(grid, path)
   return grid
 
 
@@ -372,22 +469,23 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
     raise checkpoint.CheckpointMismatchError(
         f"{e} Changed since: {changed_settings(config_path, config)}. Use a "
         "new --workdir, or the checkpoint's settings.") from None
-  # Written once the checkpoint is known to fit: a refused resume keeps the
-  # record of the settings that produced it.
-  jsonl.write_json(config_path, config.to_dict())
+  primary = is_primary()
   meta = checkpoint_meta(exp)
-  jsonl.write_json(os.path.join(workdir, "data_stats.json"), meta)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  _truncate_jsonl(metrics_path, start)
+  if primary:
+    # Written once the checkpoint is known to fit: a refused resume keeps
+    # the record of the settings that produced it.
+    jsonl.write_json(config_path, config.to_dict())
+    jsonl.write_json(os.path.join(workdir, "data_stats.json"), meta)
+    _truncate_jsonl(metrics_path, start)
 
-  # clu's writers and periodic actions import TensorFlow (~650 MB, seconds):
-  # only a training run needs them, not the benchmark or sampling.
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
-  from clu import periodic_actions  # pylint: disable=import-outside-toplevel
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  writer, report = _writer_and_report(workdir, tc.num_steps, primary)
   if start == 0:
-    parameter_overview.log_parameter_overview(state.params)
+    if jax.process_count() == 1:
+      parameter_overview.log_parameter_overview(state.params)
+    else:  # no statistics: those need every process's shards
+      parameter_overview.log_parameter_overview(
+          state.params, include_stats="sharding", jax_logging_process=0)
     writer.write_hparams(_flat_hparams(config))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("%s: %.2fM parameters, %d training examples, mesh %s",
@@ -395,14 +493,12 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
                exp.data.batcher.num_examples, dict(exp.mesh.shape))
 
   train_step = jit_train_step(exp)
-  if exp.frozen is not None:
+  if exp.frozen is not None and primary:
     jsonl.write_json(os.path.join(workdir, "frozen_inputs.json"),
-                exp.frozen.record)
+                     exp.frozen.record)
   # Built once (reads data, loads or trains the in-domain encoder); only
   # evaluators with every_steps > 0 run during training.
   evaluators = eval_registry.build_all(config, workdir, periodic_only=True)
-  report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps,
-                                           writer=writer)
   collection, acc, last = None, None, {}
   samples: List[str] = []
   t0 = time.time()
@@ -411,7 +507,7 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
       pipeline.prefetch_to_mesh(exp.data.batcher, start, tc.num_steps,
                                 exp.mesh),
       total=tc.num_steps, initial=start, desc="train")
-  interrupts = interrupts_lib.Interrupts()
+  interrupts = interrupts_for_run()
   with interrupts:
     try:
       for step, batch in enumerate(batches, start=start + 1):
@@ -439,8 +535,9 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
                   f"{workdir}; lower optim.lr, keep optim.grad_clip > 0, or "
                   "check the data normalisation.")
             writer.write_scalars(step, last)
-            _append_jsonl(metrics_path, {"step": step, "split": "train",
-                                         **last})
+            if primary:
+              _append_jsonl(metrics_path, {"step": step, "split": "train",
+                                           **last})
           if step % tc.ckpt_every == 0 or step == tc.num_steps:
             with report.timed("checkpoint"):
               checkpoint.save(mngr, step, state_lib.for_checkpoint(state),
@@ -471,6 +568,9 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
           with report.timed("eval"):
             eval_registry.evaluate_and_write(due, exp.method, state, step,
                                              workdir, writer)
+        # Once per step on every process (a collective when there are
+        # several): a signal stops all of them here.
+        interrupts.stop_point()
     except KeyboardInterrupt:
       # Ctrl-C, or SIGTERM (a scheduler's pre-emption): keep the work done
       # so far. Further signals wait for the save.
@@ -487,6 +587,45 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
           writer.flush()
   return {"step": int(done), "metrics": last, "seconds": time.time() - t0,
           "samples": samples, "workdir": workdir}
+
+
+class _Silent:
+  """Writer and progress report of a process that writes nothing (all but
+  process 0 of a multi-process run)."""
+
+  def write_scalars(self, step, scalars):
+    del step, scalars
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    pass
+
+  def __call__(self, step):
+    del step
+
+  def timed(self, name):
+    del name
+    return contextlib.nullcontext()
+
+
+def _writer_and_report(workdir: str, num_steps: int, primary: bool):
+  """clu's metric writer (TensorBoard events and log lines) and progress
+  report on the primary process, silent stand-ins elsewhere."""
+  if not primary:
+    return _Silent(), _Silent()
+  # clu's writers and periodic actions import TensorFlow (~650 MB, seconds):
+  # only a training run's primary process needs them, not the benchmark,
+  # sampling or the other processes.
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  from clu import periodic_actions  # pylint: disable=import-outside-toplevel
+  writer = metric_writers.create_default_writer(workdir)
+  return writer, periodic_actions.ReportProgress(num_train_steps=num_steps,
+                                                 writer=writer)
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> Dict[str, Any]:
