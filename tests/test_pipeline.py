@@ -1,5 +1,8 @@
 """Deterministic, resumable batching and per-contrast normalisation."""
 
+import os
+import threading
+
 import ml_collections
 import numpy as np
 import pytest
@@ -80,3 +83,28 @@ def test_labels_outside_num_classes_are_rejected():
   pipeline.check_labels(np.array([0, 1, 1]), 2, "x")
   with pytest.raises(ValueError, match=r"label value 3 outside \[0, data.num_classes=2\) in data set 'x' \(1 examples\)"):
     pipeline.check_labels(np.array([0, 3, 1]), 2, "x")
+
+
+def test_one_process_at_a_time_builds_into_a_data_dir(tmp_path):
+  """A second builder waits for the first (flock on separate opens: two
+  threads conflict as two processes would)."""
+  cfg = ml_collections.ConfigDict(dict(dataset="brain_phantom",
+                                       data_dir=str(tmp_path)))
+  events = []
+  first_holds = threading.Event()
+
+  def second():
+    first_holds.wait()
+    with pipeline.build_lock(cfg):
+      events.append("second")
+
+  t = threading.Thread(target=second)
+  t.start()
+  with pipeline.build_lock(cfg):
+    first_holds.set()
+    t.join(timeout=0.5)
+    assert t.is_alive()   # blocked while the first holds the lock
+    events.append("first")
+  t.join(timeout=10)
+  assert events == ["first", "second"]
+  assert os.path.exists(tmp_path / ".brain_phantom.build.lock")

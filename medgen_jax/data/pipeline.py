@@ -7,7 +7,10 @@ a resumed run sees exactly the batches it would have seen, with no iterator
 state to checkpoint. A background thread keeps the next batches on device.
 """
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import functools
 import importlib
 import os
@@ -41,12 +44,42 @@ def builder_module(name: str):
     raise ValueError(f"unknown data.dataset {name!r}") from None
 
 
+@contextlib.contextmanager
+def build_lock(data_cfg: ml_collections.ConfigDict) -> Iterator[None]:
+  """Holds ``<data_dir>/.<dataset>.build.lock`` for the block, so that two
+  processes (jobs of a sweep, notebooks, test workers) do not build the
+  same data set into the same directory at once; the second waits and
+  then finds it built. Where the file system cannot lock, it builds
+  without."""
+  data_dir = os.path.abspath(os.path.expanduser(str(data_cfg.data_dir)))
+  os.makedirs(data_dir, exist_ok=True)
+  path = os.path.join(data_dir, f".{data_cfg.dataset}.build.lock")
+  with open(path, "a", encoding="utf-8") as f:
+    try:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        logging.info("%s: another process is building a %s data set; "
+                     "waiting for it", data_dir, data_cfg.dataset)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as e:
+      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+        raise
+    yield
+
+
 def prepare(data_cfg: ml_collections.ConfigDict):
-  """The built TFDS data set of ``data_cfg`` (built first if missing).
+  """The built TFDS data set of ``data_cfg`` (built first if missing, by
+  one process at a time: :func:`build_lock`).
 
   A built data set whose files are damaged (a truncated shard after a disk
   fault) is removed and rebuilt from its sources, with a warning.
   """
+  with build_lock(data_cfg):
+    return _prepare(data_cfg)
+
+
+def _prepare(data_cfg: ml_collections.ConfigDict):
   module = builder_module(data_cfg.dataset)
   builder = module.prepare(data_cfg)
   problem = builder_lib.damage(builder)
