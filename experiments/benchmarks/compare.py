@@ -10,6 +10,12 @@ machine hit both alike. Prints the median train-step and sampling-step times
 of each framework, their JAX/PyTorch ratios (below 1 means JAX is faster),
 and the ratios within each round with their median, which a drift between
 rounds does not move. Needs ``pip install torch==2.13.0``.
+
+``--precision=bf16`` compares mixed precision instead: JAX with
+``model.dtype=bfloat16`` and its convolutions on oneDNN
+(``conv_lowering=onednn``, XLA's where oneDNN has no bf16 convolutions on
+this CPU) against PyTorch under bf16 autocast (``torch_autocast.py``); both
+keep float32 parameters, optimizer state and loss.
 """
 
 import argparse
@@ -33,8 +39,16 @@ def run_jax(config: str, steps: int, extra) -> dict:
       return json.load(g)
 
 
-def run_torch(steps: int, extra) -> dict:
-  cmd = [sys.executable, os.path.join(HERE, "torch_unet.py"),
+# JAX flags and PyTorch script per --precision.
+PRECISIONS = {
+    "fp32": ([], "torch_unet.py"),
+    "bf16": (["--config.model.dtype=bfloat16",
+              "--config.model.conv_lowering=onednn"], "torch_autocast.py"),
+}
+
+
+def run_torch(steps: int, extra, script: str = "torch_unet.py") -> dict:
+  cmd = [sys.executable, os.path.join(HERE, script),
          f"--steps={steps}", *extra]
   out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
   return json.loads(out.strip().splitlines()[-1])
@@ -51,6 +65,9 @@ def main():
                  default=["--config.sample.steps=5", "--nocompile_cache"],
                  help="extra flags for medgen_jax.bench, e.g. "
                       "--config.model.conv_lowering=xla")
+  p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                 help="bf16: JAX bfloat16 on oneDNN convolutions against "
+                      "PyTorch's bf16 autocast")
   p.add_argument("--profile", action="store_true",
                  help="also print both frameworks' per-op breakdown of a "
                       "train step")
@@ -58,6 +75,8 @@ def main():
                  default=["--ch=64", "--num_res_blocks=2", "--num_groups=32",
                           "--res=32", "--batch=32", "--sample_batch=64"])
   a = p.parse_args()
+  jax_precision, torch_script = PRECISIONS[a.precision]
+  a.jax_flags = [*a.jax_flags, *jax_precision]
   if a.profile:
     a.jax_flags = [*a.jax_flags, "--profile=1"]
     a.torch_flags = [*a.torch_flags, "--profile=2"]
@@ -66,9 +85,9 @@ def main():
   for r in range(a.rounds):
     if r % 2 == 0:
       j = run_jax(a.config, a.steps, a.jax_flags)
-      t = run_torch(a.steps, a.torch_flags)
+      t = run_torch(a.steps, a.torch_flags, torch_script)
     else:
-      t = run_torch(a.steps, a.torch_flags)
+      t = run_torch(a.steps, a.torch_flags, torch_script)
       j = run_jax(a.config, a.steps, a.jax_flags)
     jax_train.append(j["step_s_median"])
     jax_sample.append(j["sample_s_per_denoise_step"])
@@ -87,7 +106,9 @@ def main():
       ("sampling step, batch 64 (s)", med(jax_sample), med(torch_sample)),
       ("peak RSS (MB)", med(jax_rss), med(torch_rss)),
   ]
-  print(f"\n{'':32}{'JAX':>10}{'PyTorch':>10}{'JAX/PT':>9}")
+  print(f"\n{a.precision}: JAX {' '.join(jax_precision) or 'float32'} | "
+        f"PyTorch {torch_script} {' '.join(a.torch_flags)}")
+  print(f"{'':32}{'JAX':>10}{'PyTorch':>10}{'JAX/PT':>9}")
   for name, jv, tv in rows:
     print(f"{name:32}{jv:10.3f}{tv:10.3f}{jv / tv:9.2f}")
   print(f"{'JAX compile (s)':32}{med(compile_s):10.2f}")

@@ -10,6 +10,14 @@ eager step does (one call on the whole batch, its default threads). Each framewo
 runs in its own fresh process, one after the other. Prints milliseconds per
 batch and the JAX/PyTorch ratio (below 1: JAX is faster). Needs
 ``pip install torch==2.13.0``.
+
+``--lowering=onednn`` times JAX's oneDNN convolutions instead
+(``medgen_jax.nn.onednn``), ``--dtype=bfloat16`` both sides in bf16, and
+``--baseline=explicit`` compares against JAX's default float32 lowering (no
+PyTorch needed)::
+
+  python experiments/benchmarks/conv_layers.py --lowering=onednn \
+      --dtype=bfloat16 --baseline=explicit
 """
 
 import argparse
@@ -40,24 +48,34 @@ def _median_ms(fn, repeats: int) -> float:
   return statistics.median(times) * 1e3
 
 
-def time_jax(batch: int, microbatch: int, repeats: int) -> dict:
+def time_jax(batch: int, microbatch: int, repeats: int,
+             lowering: str = "explicit", dtype: str = "float32") -> dict:
   from medgen_jax import runtime  # pylint: disable=import-outside-toplevel
   runtime.set_xla_cpu_flags()
   import jax  # pylint: disable=import-outside-toplevel
   from medgen_jax.nn import conv  # pylint: disable=import-outside-toplevel
+  from medgen_jax.nn import onednn  # pylint: disable=import-outside-toplevel
+  if lowering == "onednn":
+    reason = onednn.unavailable_reason(dtype)
+    if reason is not None:
+      raise SystemExit(f"oneDNN {dtype} convolutions unavailable: {reason}")
+    lib = onednn
+  else:
+    lib = conv
   pad = ((1, 1), (1, 1))
   calls = batch // microbatch
   out = {}
   for side, ci, co in SHAPES:
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(k1, (microbatch, side, side, ci))
-    w = jax.random.normal(k2, (3, 3, ci, co))
-    g = jax.random.normal(k3, (microbatch, side, side, co))
+    x = jax.random.normal(k1, (microbatch, side, side, ci), dtype)
+    w = jax.random.normal(k2, (3, 3, ci, co), dtype)
+    g = jax.random.normal(k3, (microbatch, side, side, co), dtype)
+    forward = onednn.conv if lowering == "onednn" else conv.xla_conv
     fns = {
-        "forward": (jax.jit(lambda x, w: conv.xla_conv(x, w, 1, pad)), (x, w)),
-        "input-grad": (jax.jit(lambda g, w, s=x.shape: conv.input_grad(
+        "forward": (jax.jit(lambda x, w: forward(x, w, 1, pad)), (x, w)),
+        "input-grad": (jax.jit(lambda g, w, s=x.shape: lib.input_grad(
             g, w, s, 1, pad)), (g, w)),
-        "kernel-grad": (jax.jit(lambda x, g, s=w.shape: conv.kernel_grad(
+        "kernel-grad": (jax.jit(lambda x, g, s=w.shape: lib.kernel_grad(
             x, g, s, 1, pad)), (x, g)),
     }
     for kind, (f, args) in fns.items():
@@ -67,15 +85,16 @@ def time_jax(batch: int, microbatch: int, repeats: int) -> dict:
   return out
 
 
-def time_torch(batch: int, repeats: int) -> dict:
+def time_torch(batch: int, repeats: int, dtype: str = "float32") -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
   out = {}
+  dt = getattr(torch, dtype)
   with torch.no_grad():
     for side, ci, co in SHAPES:
-      x = torch.randn(batch, ci, side, side)
-      w = torch.randn(co, ci, 3, 3)
-      g = torch.randn(batch, co, side, side)
+      x = torch.randn(batch, ci, side, side, dtype=dt)
+      w = torch.randn(co, ci, 3, 3, dtype=dt)
+      g = torch.randn(batch, co, side, side, dtype=dt)
       bwd = lambda mask: torch.ops.aten.convolution_backward(
           g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
       fns = {"forward": lambda: F.conv2d(x, w, padding=1),
@@ -91,26 +110,43 @@ def main():
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--microbatch", type=int, default=8)
   p.add_argument("--repeats", type=int, default=15)
-  p.add_argument("--only", choices=("jax", "torch"), default="")
+  p.add_argument("--only", choices=("jax", "torch", "baseline"), default="")
+  p.add_argument("--lowering", choices=("explicit", "onednn"),
+                 default="explicit", help="JAX's convolutions: XLA's "
+                 "(explicit gradients) or oneDNN's (conv_lowering=onednn)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 default="float32", help="of both frameworks' tensors")
+  p.add_argument("--baseline", choices=("torch", "explicit"),
+                 default="torch", help="compare against PyTorch, or against "
+                 "JAX's default lowering (explicit, float32)")
   a = p.parse_args()
   if a.only == "jax":
+    print(json.dumps(time_jax(a.batch, a.microbatch, a.repeats, a.lowering,
+                              a.dtype)))
+    return
+  if a.only == "baseline":
     print(json.dumps(time_jax(a.batch, a.microbatch, a.repeats)))
     return
   if a.only == "torch":
-    print(json.dumps(time_torch(a.batch, a.repeats)))
+    print(json.dumps(time_torch(a.batch, a.repeats, a.dtype)))
     return
   res = {}
-  for name in ("jax", "torch"):
+  other = "torch" if a.baseline == "torch" else "baseline"
+  for name in ("jax", other):
     # As a module from the repository root, so the JAX process imports
     # medgen_jax from this checkout whether or not it is installed.
     cmd = [sys.executable, "-m", "experiments.benchmarks.conv_layers",
            f"--only={name}", f"--batch={a.batch}",
-           f"--microbatch={a.microbatch}", f"--repeats={a.repeats}"]
+           f"--microbatch={a.microbatch}", f"--repeats={a.repeats}",
+           f"--lowering={a.lowering}", f"--dtype={a.dtype}"]
     done = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True,
                           text=True)
     res[name] = json.loads(done.stdout.strip().splitlines()[-1])
+  res["torch"] = res[other]
+  against = ("PyTorch" if a.baseline == "torch" else
+             "JAX explicit float32 (same calls)")
   print(f"ms per batch of {a.batch} (JAX: {a.batch // a.microbatch} calls of "
-        f"{a.microbatch}); ratio = JAX / PyTorch")
+        f"{a.microbatch}; {a.lowering}, {a.dtype}); ratio = JAX / {against}")
   print(f"{'layer':<16}" + "".join(f"{k:>26}" for k in KINDS))
   totals = {k: [0.0, 0.0] for k in KINDS}
   for side, ci, co in SHAPES:

@@ -19,6 +19,13 @@ accumulation) a kernel gradient ran 100-200x slower (3-7 s instead of
 20-40 ms at 32x32, batch 32) and an input gradient 5x slower. Values are
 identical. ``"auto"`` takes ``"explicit"`` on CPU and ``"xla"`` elsewhere:
 cuDNN and the TPU compiler have native gradient convolutions.
+
+``"onednn"`` runs forward and both gradients on oneDNN through an XLA FFI
+custom call (:mod:`medgen_jax.nn.onednn`): float32, or bfloat16 on CPUs with
+AVX512-BF16/AMX-BF16 units, which XLA's own convolutions do not use. Where
+it cannot run (another backend or dtype, bf16 without those units, the
+extension missing or failing to build) it logs why once and falls back to
+``"auto"``'s choice.
 """
 
 import functools
@@ -27,8 +34,10 @@ from typing import Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
+from medgen_jax.nn import onednn
+
 Padding = Tuple[Tuple[int, int], ...]
-LOWERINGS = ("auto", "xla", "explicit")
+LOWERINGS = ("auto", "xla", "explicit", "onednn")
 
 
 def _dimension_numbers(n: int) -> Tuple[str, str, str]:
@@ -218,8 +227,13 @@ def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,
          lowering: str = "xla") -> jax.Array:
   """Dispatches to a lowering by name (see ``LOWERINGS``).
 
-  ``"auto"`` takes ``"explicit"`` on CPU and XLA's own gradients elsewhere.
+  ``"auto"`` takes ``"explicit"`` on CPU and XLA's own gradients elsewhere;
+  ``"onednn"`` falls back to that where oneDNN cannot run.
   """
+  if lowering == "onednn":
+    if x.dtype == kernel.dtype and onednn.usable(x.dtype):
+      return onednn.conv(x, kernel, strides, tuple(map(tuple, padding)))
+    lowering = "auto"
   if lowering == "auto":
     lowering = "explicit" if jax.default_backend() == "cpu" else "xla"
   if lowering == "explicit":
