@@ -36,12 +36,17 @@ STOPPED, FINAL = 3, 6
 # repeated or differently fed step would be far over this bound.
 ATOL = 1e-5
 
+
+def _pythonpath() -> str:
+  """The repository first on the children's path (they run scripts from a
+  temporary folder)."""
+  return os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+
 # Runs launch.py in this process, recording what the process feeds (the
 # batcher's example indices per step) and which workdir files it writes. With
 # $MH_SIGNAL_AT set, process 1 alone sends itself SIGTERM during that step.
 RECORDER = r'''
 import json, os, runpy, signal, sys
-sys.path.insert(0, os.getcwd())
 import jax
 from medgen_jax import jsonl, viz
 from medgen_jax.data import pipeline
@@ -158,9 +163,9 @@ def runs(tiny_config, tmp_path_factory):
     (bin_dir / name).chmod(0o755)
   config = _reference_config(tiny_config)
   pipeline.prepare(config.data)  # built before two processes read it
-  env = dict(os.environ, MEDGEN_DATA_DIR=config.data.data_dir,
-             MEDGEN_JAX_HUGE_PAGES="0", MH_RECORD=str(rec),
-             PYTHON=sys.executable)
+  env = dict(os.environ, PYTHONPATH=_pythonpath(),
+             MEDGEN_DATA_DIR=config.data.data_dir, MEDGEN_JAX_HUGE_PAGES="0",
+             MH_RECORD=str(rec), PYTHON=sys.executable)
 
   # Interrupted: the processes run while this one trains the reference. A
   # signal during step s stops the processes after step s + 1.
@@ -284,7 +289,6 @@ def test_only_process_0_writes_the_workdir_files(runs):
 # lock, report, then wait for a signal.
 LOCK_PROBE = r'''
 import os, signal, sys, time
-sys.path.insert(0, os.getcwd())
 import ml_collections
 from medgen_jax import errors, runtime, workdir_lock
 runtime.setup(ml_collections.ConfigDict({"train": {}}))
@@ -308,7 +312,8 @@ def test_launcher_forwards_signals_and_a_busy_workdir_stops_all(tmp_path):
   probe, logs = tmp_path / "probe.py", tmp_path / "logs"
   workdir = tmp_path / "w"
   probe.write_text(LOCK_PROBE)
-  env = dict(os.environ, LOG_DIR=str(logs), PYTHON=sys.executable)
+  env = dict(os.environ, PYTHONPATH=_pythonpath(), LOG_DIR=str(logs),
+             PYTHON=sys.executable)
   with workdir_lock.hold(str(workdir), "pytest"):  # a run already on it
     proc = subprocess.Popen(
         [os.path.join(CLUSTER, "local_two_process.sh"), str(probe),
