@@ -226,10 +226,6 @@ def _slice(ds: pydicom.Dataset, path: str) -> Slice:
                      if ds.get(k) not in (None, "")))
 
 
-def num_frames(ds: pydicom.Dataset) -> int:
-  return int(ds.get("NumberOfFrames", 1) or 1)
-
-
 class FrameAttributes:
   """A frame's attributes: those of its functional groups (its own, then
   the shared ones) over the file's, for :func:`passes`."""
@@ -262,7 +258,7 @@ def frame_slices(ds: pydicom.Dataset, path: str
     DataError: a multi-frame file without per-frame geometry (a cine
       loop), or a frame without position, orientation or pixel spacing.
   """
-  n = num_frames(ds)
+  n = dicom_images.num_frames(ds)
   groups = ds.get("PerFrameFunctionalGroupsSequence") or []
   shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
   if not groups:
@@ -466,7 +462,7 @@ def scan_folder(s: DicomSettings, files: Sequence[str]
     if "PixelData" not in ds and ds.get("Rows") is None:
       continue  # e.g. structured reports or presentation states.
     # Frames of an enhanced file are filtered one by one (below).
-    if num_frames(ds) == 1 and not passes(ds, s.image_filter):
+    if dicom_images.num_frames(ds) == 1 and not passes(ds, s.image_filter):
       continue
     uid = str(_tag(ds, "SeriesInstanceUID", path))
     info[uid] = (str(ds.get("SeriesDescription", "")),
@@ -477,7 +473,7 @@ def scan_folder(s: DicomSettings, files: Sequence[str]
     # only if the config selects it: a dose report or a screenshot beside
     # the CT must not stop the folder.
     try:
-      if num_frames(ds) > 1:
+      if dicom_images.num_frames(ds) > 1:
         group += [sl for sl, attrs in frame_slices(ds, path)
                   if passes(attrs, s.image_filter)]
       else:
@@ -565,7 +561,8 @@ def read_series(series: Series) -> volumes.Scan:
       files[sl.path] = dicom_images.read_pixels(sl.path)
     ds, pixels = files[sl.path]
     if sl.frame >= 0:
-      pixels = pixels.reshape(num_frames(ds), *pixels.shape[-2:])[sl.frame]
+      frames = dicom_images.num_frames(ds)
+      pixels = pixels.reshape(frames, *pixels.shape[-2:])[sl.frame]
       slope, intercept = sl.rescale
     else:
       files.pop(sl.path)
