@@ -4,15 +4,18 @@ Run (this is what ``python launch.py`` runs with no flags)::
 
   python launch.py --config=configs/study.py --workdir=workdirs/study
 
-It trains the configured generators (default: a label-conditional DDPM that
-generates T1w, T2w, FLAIR and the lesion mask together) on the real training
-subjects of brain_phantom, samples a labelled synthetic set from each, scores
-the generators (in-domain FID/KID, precision/recall, density/coverage,
-diversity, memorization), then trains every downstream task on every arm
-(real only, + classical augmentation, + synthetic, + both, synthetic only)
-for every real-data fraction and seed, scores them on the held-out real test
-subjects, and writes ``report.md``/``report.html`` with tables, plots and
-sample grids.
+It trains the configured generators (default: one of each family, a
+label-conditional DDPM, a class-conditional GAN with a projection
+discriminator and a conditional VAE, each generating T1w, T2w, FLAIR and the
+lesion mask together) on the real training subjects of brain_phantom,
+samples a labelled synthetic set from each, scores the generators
+(in-domain FID/KID, precision/recall, density/coverage, diversity,
+memorization), then trains every downstream task on every arm (real only,
++ classical augmentation, + each generator's synthetic data; + both and
+synthetic only in the GPU preset) for every real-data fraction and seed,
+scores them on the held-out real test subjects, and writes
+``report.md``/``report.html`` with the families side by side, a verdict per
+family and task, tables, plots and sample grids.
 
 The GPU/TPU preset, the same study at full strength, is
 ``configs/study_gpu.py`` (a short file of overrides on this one).
@@ -31,11 +34,12 @@ Args (``key=value`` after the colon):
     outside the fraction) or "per_fraction" (one generator per fraction,
     trained on exactly that fraction's subjects; the strict protocol).
   generators: the generators, as method config names joined by "+"
-    (``configs/<name>.py``), e.g. "ddpm+vae+cvae"; each is trained on the
-    study's data with the lesion mask as an extra channel, and every
+    (``configs/<name>.py``; default "ddpm+acgan+cvae"); each is trained on
+    the study's data with the lesion mask as an extra channel, and every
     generator's arms appear in every table. "ddpm" is the study's tuned
-    label-conditional DDPM; other configs run at their own defaults (their
-    ``runlocal`` size under ``runlocal``).
+    label-conditional DDPM; other configs run at their own defaults (fewer
+    steps here: :data:`CPU_GENERATOR_BUDGET`; their ``runlocal`` size under
+    ``runlocal``).
   translators: translation methods benchmarked on every translation task,
     as config names joined by "+" (pix2pix, cyclegan, vaegan): each is
     trained per fraction and seed on the same real subjects as the task's
@@ -78,23 +82,38 @@ def _task(kind: str, inputs, target, num_classes: int, steps: int,
                  grad_clip=1.0)))
 
 
-def _generator(name: str, a) -> ml_collections.ConfigDict:
-  """``configs/<name>.py`` at the study's resolution, with the lesion mask;
-  the study sets its data section."""
+def _generator(name: str, a, preset: str) -> ml_collections.ConfigDict:
+  """``configs/<name>.py`` at the study's resolution, with the lesion mask
+  (with :data:`CPU_GENERATOR_BUDGET` in the CPU preset); the study sets
+  its data section."""
   try:
     module = importlib.import_module(f"configs.{name}")
   except ModuleNotFoundError:
     raise ValueError(f"generators: no config configs/{name}.py") from None
   gen = module.get_config(f"res={a.res},mask" +
                           (",runlocal" if a.runlocal else ""))
+  if preset == "cpu" and not a.runlocal:
+    for key, value in CPU_GENERATOR_BUDGET.get(name, {}).items():
+      section, field = key.split(".")
+      gen[section][field] = value
   if a.gen_steps:
     gen.train.num_steps = a.gen_steps
-  # The study scores every synthetic set itself; the generator's own
-  # end-of-training FID would train a second in-domain encoder.
+  # The study scores every synthetic set itself and draws its grid; the
+  # generator's own periodic evaluations would cost compiles and minutes
+  # (its end-of-training FID would train a second in-domain encoder).
   for e in gen.get("evals", {}).values():
-    if e.type == "generative":
-      e.every_steps = 0
+    e.every_steps = 0
+  gen.train.sample_every = 0
   return gen
+
+
+# The default job's budget for the other families, so that the three
+# fit in its 15 minutes on two CPU cores (docs/study.md): fewer steps than
+# their own configs.
+CPU_GENERATOR_BUDGET = {
+    "acgan": {"train.num_steps": 1500},
+    "cvae": {"train.num_steps": 1000},
+}
 
 
 # Config args that make a method config a translator.
@@ -146,7 +165,7 @@ def _fractions(value: str):
 # The args and their defaults (see the module docstring).
 ARGS = dict(res=32, seeds=-1, fractions="",
             tasks="classification+segmentation", gen_steps=0, task_steps=0,
-            generator_data="full", generators="ddpm", translators="",
+            generator_data="full", generators="ddpm+acgan+cvae", translators="",
             translator_steps=0, runlocal=False)
 
 
@@ -154,8 +173,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   return build(common.parse_arg(arg, **ARGS))
 
 
-def build(a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The study config of parsed args ``a`` (:data:`ARGS`)."""
+def build(a: ml_collections.ConfigDict, preset: str = "cpu"
+          ) -> ml_collections.ConfigDict:
+  """The study config of parsed args ``a`` (:data:`ARGS`); ``preset="gpu"``
+  leaves the other generators at their own configs' budgets for
+  ``configs/study_gpu.py`` to size."""
   # Sized for the default job: ~15 min on two CPU cores at 32 px. The
   # GPU/TPU preset (configs/study_gpu.py) overrides the sizes.
   contrasts = ("t1w", "t2w", "flair")
@@ -176,12 +198,13 @@ def build(a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                    attn_resolutions=(), num_groups=8)
   gen.optim.update(lr=1e-3, warmup_steps=50, schedule="cosine",
                    final_lr_frac=0.1)
-  gen.train.update(num_steps=a.gen_steps or 4000, sample_every=0,
+  gen.train.update(num_steps=a.gen_steps or 3000, sample_every=0,
                    ckpt_every=250, log_every=50, ema=0.995, ema_warmup=50)
   gen.sample.update(steps=25, eta=1.0, guidance_scale=3.0, batch_size=128)
   c.generators = ml_collections.ConfigDict()
   for name in _entries("generators", a.generators):
-    c.generators[name] = gen if name == "ddpm" else _generator(name, a)
+    c.generators[name] = (gen if name == "ddpm" else
+                          _generator(name, a, preset))
 
   steps = a.task_steps or 200
   fractions = a.fractions or "0.1+1"
@@ -194,8 +217,10 @@ def build(a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       # seeds, the same ones in every arm.
       extra_seeds=2,
       decision_band=(0.01, 0.2),
-      arms=("real", "real+classical", "real+synthetic",
-            "real+classical+synthetic"),
+      # Every generator's real+X arm is compared with real-only and with
+      # the tuned real+classical arm; real+classical+X and X-only arms are
+      # in the GPU preset.
+      arms=("real", "real+classical", "real+synthetic"),
       # Share of every training batch drawn from the synthetic set.
       synthetic_ratio=0.5,
       # Multipliers of every classical augmentation probability tried on
@@ -270,7 +295,8 @@ def build(a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     gen.sample.update(steps=3, batch_size=16)
     c.study.update(synthetic_per_class=8, num_seeds=a.seeds if a.seeds >= 0 else 2,
                    classical_strengths=(0.5, 1.0), extra_seeds=1,
-                   arms=c.study.arms + ("synthetic",))
+                   arms=c.study.arms + ("real+classical+synthetic",
+                                        "synthetic"))
     for t in c.study.tasks.values():
       t.update(steps=a.task_steps or 4, steps_per_call=2, batch_size=8)
       if "segmenter_steps" in t:

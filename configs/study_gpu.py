@@ -23,7 +23,7 @@ from configs import study
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, **dict(study.ARGS, res=64))
-  c = study.build(a)
+  c = study.build(a, preset="gpu")
   if a.runlocal:  # the miniature stays the miniature
     return c
   if "ddpm" in c.generators:

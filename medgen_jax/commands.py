@@ -227,8 +227,11 @@ def study(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   from medgen_jax import report  # pylint: disable=import-outside-toplevel
   from medgen_jax.downstream import study as study_lib  # pylint: disable=import-outside-toplevel
   out = study_lib.run(config, workdir)
+  verdicts = report.family_verdicts(config, out["results"])
   print("\nStudy finished in {:.1f} min.\n".format(out["seconds"] / 60) +
         report.summary_table(out["results"]) +
+        "".join(f"{v.replace('**', '')}\n" for v in verdicts) +
+        ("\n" if verdicts else "") +
         f"Report: {out['report']['markdown']} (and "
         f"{out['report']['html']})", flush=True)
   return out

@@ -78,6 +78,8 @@ def render_markdown(blocks: Sequence[Block]) -> str:
       out.append("#" * int(kind[1]) + " " + value)
     elif kind == "p":
       out.append(value)
+    elif kind == "ul":
+      out += [f"- {item}" for item in value]
     elif kind == "table":
       header, rows = value
       out.append("| " + " | ".join(header) + " |")
@@ -107,6 +109,9 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
       body.append(f"<{kind}>{_inline_html(value)}</{kind}>")
     elif kind == "p":
       body.append(f"<p>{_inline_html(value)}</p>")
+    elif kind == "ul":
+      body.append("<ul>" + "".join(f"<li>{_inline_html(item)}</li>"
+                                   for item in value) + "</ul>")
     elif kind == "table":
       header, rows = value
       head = "".join(f"<th>{_inline_html(h)}</th>" for h in header)
@@ -363,14 +368,18 @@ def _training_note(config, results) -> str:
 
 def _extra_seeds_note(sc, results) -> str:
   """Which cells got more seeds because a decision was close."""
-  groups = sorted({(r["task"], r["fraction"]) for r in results
-                   if r.get("extra_seeds")})
-  if not groups:
+  arms: Dict[Tuple[str, float], List[str]] = {}
+  for r in results:
+    if r.get("extra_seeds"):
+      arms.setdefault((r["task"], r["fraction"]), []).append(r["arm"])
+  if not arms:
     return ""
   low, high = sc.decision_band
-  return (f" (+{sc.extra_seeds} for every arm where a synthetic arm's "
-          f"paired p-value lay in [{low:g}, {high:g}]: "
-          + ", ".join(f"{t} at {f:g}" for t, f in groups) + ")")
+  return (f" (+{sc.extra_seeds} for the synthetic arms whose paired "
+          f"p-value to real or real+classical lay in [{low:g}, {high:g}], "
+          "and for those two baselines: "
+          + "; ".join(f"{t} at {f:g}: {', '.join(a)}"
+                      for (t, f), a in sorted(arms.items())) + ")")
 
 
 def _verdict(results, task: str) -> str:
@@ -399,6 +408,67 @@ def _verdict(results, task: str) -> str:
   parts.append(f"not distinguishable from real-only with these seeds: "
                f"{len(ties)} of {len(rows)} cells.")
   return "".join(parts)
+
+
+def _outcome(d: Dict[str, float], sign: int) -> str:
+  """``better``/``worse`` when the paired interval excludes 0 on that
+  side, else ``level``."""
+  lo, hi = sign * d.get("ci_low", np.nan), sign * d.get("ci_high", np.nan)
+  if np.isfinite(lo) and np.isfinite(hi):
+    if min(lo, hi) > 0:
+      return "better"
+    if max(lo, hi) < 0:
+      return "worse"
+  return "level"
+
+
+def family_verdicts(config, results) -> List[str]:
+  """One plain sentence per generator and task: does its real+generator
+  arm beat real-only, and the tuned real+classical arm, at each real-data
+  fraction, as far as the seeds support."""
+  out = []
+  for name, gen in config.generators.items():
+    family = methods_base.FAMILIES.get(gen.method.name, gen.method.name)
+    for task in config.study.tasks:
+      rows = sorted((r for r in results if r["task"] == task and
+                     r["arm"] == f"real+{name}" and "delta_vs_real" in r),
+                    key=lambda r: r["fraction"])
+      if not rows:
+        continue
+      metric = rows[0]["primary"]
+      sign = 1 if tasks_lib.higher_is_better(metric) else -1
+      clauses, seen = [], set()
+      for r in rows:
+        vs_real = _outcome(r["delta_vs_real"], sign)
+        vs_cls = (_outcome(r["delta_vs_classical"], sign)
+                  if "delta_vs_classical" in r else None)
+        seen.add(vs_real)
+        where = f"at {r['fraction']:g} of the real data"
+        if vs_real == "level" and vs_cls in ("level", None):
+          clauses.append(f"{where} no difference to real-only"
+                         f"{' or real+classical' if vs_cls else ''} that "
+                         "the seeds support")
+          continue
+        part = (f"{where} {vs_real} than real-only "
+                f"({fmt_ci(r['delta_vs_real'])})" if vs_real != "level" else
+                f"{where} level with real-only "
+                f"({fmt_ci(r['delta_vs_real'])})")
+        if vs_cls:
+          word = ("level with" if vs_cls == "level" else
+                  f"{vs_cls} than")
+          part += (f" and {word} real+classical "
+                   f"({fmt_ci(r['delta_vs_classical'])})")
+        clauses.append(part)
+      overall = ("mixed" if {"better", "worse"} <= seen else
+                 "helps" if "better" in seen else
+                 "hurts" if "worse" in seen else "no supported effect")
+      if all(c.endswith("that the seeds support") for c in clauses):
+        fractions = " or ".join(f"{r['fraction']:g}" for r in rows)
+        clauses = [f"no difference to real-only or real+classical that the "
+                   f"seeds support, at {fractions} of the real data"]
+      out.append(f"**{name}** ({family}), {task} ({metric}): {overall} — "
+                 + "; ".join(clauses) + ".")
+  return out
 
 
 def _memorized(m: Dict[str, Any]) -> str:
@@ -544,6 +614,10 @@ def write(summary: Dict[str, Any]) -> Dict[str, str]:
                    "; ".join(summary["data_notes"]) + "."))
   blocks += _family_blocks(summary)
   blocks.append(("h2", "Verdict"))
+  blocks.append(("p", (
+      "Per generator and task (95% paired intervals; 'level' means the "
+      "seeds support no difference):")))
+  blocks.append(("ul", family_verdicts(config, results)))
   for t in tasks:
     v = _verdict(results, t)
     if v:

@@ -164,19 +164,22 @@ def test_mini_study_every_arm_has_numbers(mini_study):
   c, workdir, out = mini_study
   with open(os.path.join(workdir, "results.jsonl")) as f:
     rows = [json.loads(l) for l in f]
-  arms = [a.name for a in study_lib.arm_specs(c.study.arms, ["ddpm"])]
+  assert list(c.generators) == ["acgan", "cvae", "ddpm"]  # every family
+  arms = [a.name for a in study_lib.arm_specs(c.study.arms, c.generators)]
   cells = {(r["task"], r["fraction"], r["arm"]) for r in rows}
   assert cells == {(t, f, a) for t in ("classification", "segmentation",
                                        "translation")
                    for f in (0.5, 1.0) for a in arms} | {
                        ("translation", f, "pix2pix (translator)")
                        for f in (0.5, 1.0)}
-  seeds = {}
+  by_cell = {(r["task"], r["fraction"], r["arm"]): r for r in rows}
   for r in rows:
     n = len(r["seed_scores"])
     assert n == c.study.num_seeds + r.get("extra_seeds", 0)
-    if "translator" not in r["arm"]:  # one seed count per (task, fraction)
-      assert seeds.setdefault((r["task"], r["fraction"]), n) == n, r
+    if r.get("extra_seeds") and r["arm"] != "pix2pix (translator)":
+      # Extra seeds near a decision go to the baselines too.
+      base = by_cell[(r["task"], r["fraction"], "real")]
+      assert len(base["seed_scores"]) == n, r
     vals = [s[r["primary"]] for s in r["seed_scores"]]
     assert all(np.isfinite(vals)), r
     if "translator" not in r["arm"]:
@@ -212,7 +215,12 @@ def test_mini_study_report_structure(mini_study):
                   "### Do the metrics see known degradations?"):
     assert heading in md, heading
   assert "keeps its parameters with the best score on the 'val'" in md
-  assert "## Families side by side" in md and "| ddpm (diffusion) |" in md
+  assert "## Families side by side" in md
+  for name, family in (("ddpm", "diffusion"), ("acgan", "GAN"),
+                       ("cvae", "VAE")):
+    assert f"| {name} ({family}) |" in md
+    for task, metric in (("classification", "auc"), ("segmentation", "dice")):
+      assert f"- **{name}** ({family}), {task} ({metric}): " in md
   chosen = json.load(open(os.path.join(workdir, "classical_strength.json")))
   assert set(chosen) == set(c.study.tasks)
   for task, ch in chosen.items():
@@ -358,41 +366,84 @@ class _FakeDownstream:
 
 def test_seeds_are_added_where_a_decision_is_close(tmp_path):
   arms = study_lib.arm_specs(("real", "real+classical", "real+synthetic"),
-                             ["ddpm"])
-  # At 0.1 the gain is noisy (p ~ 0.1): close; at 1 it is clear (p < 0.01)
-  # and at 0.5 there is none at all (p ~ 0.6): both are left alone.
+                             ["ddpm", "acgan"])
+  # At 0.1 the DDPM's gain is noisy (p ~ 0.1): close, while the GAN's
+  # loss is clear (p < 0.01); at 1 the gain is clear and at 0.5 there is
+  # none at all (p ~ 0.6): those are left alone.
   results = [
       _record("cls", 0.1, "real", [0.60, 0.70, 0.65]),
       _record("cls", 0.1, "real+classical", [0.61, 0.69, 0.66]),
       _record("cls", 0.1, "real+ddpm", [0.75, 0.72, 0.90], "ddpm"),
+      _record("cls", 0.1, "real+acgan", [0.50, 0.60, 0.55], "acgan"),
       _record("cls", 0.5, "real", [0.70, 0.75, 0.72]),
       _record("cls", 0.5, "real+classical", [0.70, 0.75, 0.72]),
       _record("cls", 0.5, "real+ddpm", [0.71, 0.73, 0.74], "ddpm"),
       _record("cls", 1.0, "real", [0.70, 0.71, 0.72]),
       _record("cls", 1.0, "real+classical", [0.70, 0.71, 0.72]),
       _record("cls", 1.0, "real+ddpm", [0.80, 0.812, 0.819], "ddpm")]
-  assert study_lib.near_decision(results, (0.01, 0.2)) == [("cls", 0.1)]
+  assert study_lib.near_decision(results, (0.01, 0.2)) == [
+      ("cls", 0.1, ("real", "real+classical", "real+ddpm"))]
   c = study_config.get_config("runlocal")
   c.study.update(num_seeds=3, extra_seeds=2)
   ds = _FakeDownstream({"real": 0.6, "real+classical": 0.6,
-                        "real+ddpm": 0.8})
+                        "real+ddpm": 0.8, "real+acgan": 0.5})
   study_lib.add_seeds_near_decisions(c, str(tmp_path), ds, results, arms)
-  # Every arm of the close group, the same two new seeds; nothing else.
-  assert sorted(ds.calls) == [("cls", 0.1, a, [3, 4]) for a in (
-      "real", "real+classical", "real+ddpm")]
+  # The close comparison's arms, the same two new seeds; nothing else.
+  extended = ("real", "real+classical", "real+ddpm")
+  assert sorted(ds.calls) == [("cls", 0.1, a, [3, 4]) for a in extended]
   for r in results:
-    n = 5 if r["fraction"] == 0.1 else 3
+    n = 5 if (r["fraction"], r["arm"]) in {(0.1, a) for a in extended} else 3
     assert len(r["seed_scores"]) == len(r["selected"]) == n
     assert r.get("extra_seeds", 0) == (2 if n == 5 else 0)
   close = [r for r in results if r["arm"] == "real+ddpm"][0]
   assert close["metrics"]["auc"]["mean"] == pytest.approx(
       np.mean([0.75, 0.72, 0.90, 0.83, 0.84]))
+  # The GAN arm keeps 3 seeds and is still paired seed by seed.
+  paired = [dict(r) for r in results]
+  study_lib.paired_deltas(paired)
+  gan = [r for r in paired if r["arm"] == "real+acgan"][0]
+  assert gan["delta_vs_real"]["n"] == 3
+  assert gan["delta_vs_real"]["mean"] == pytest.approx(-0.1)
   with open(tmp_path / "results.jsonl") as f:
     assert len([json.loads(l) for l in f]) == 3   # the updated cells
+  note = report._extra_seeds_note(c.study, results)
+  assert "cls at 0.1: real, real+classical, real+ddpm" in note
   # Done once: a second pass adds nothing.
   ds.calls.clear()
   study_lib.add_seeds_near_decisions(c, str(tmp_path), ds, results, arms)
   assert ds.calls == []
+
+
+def test_family_verdicts_in_plain_words():
+  c = study_config.get_config("runlocal,tasks=classification")
+  base = [0.60, 0.70, 0.65, 0.62]
+  results = [
+      _record("classification", f, "real", base) for f in (0.1, 1.0)] + [
+      _record("classification", f, "real+classical",
+              [v + 0.01 * (-1) ** i for i, v in enumerate(base)])
+      for f in (0.1, 1.0)] + [
+      _record("classification", 0.1, "real+ddpm",
+              [v + d for v, d in zip(base, (0.20, 0.22, 0.19, 0.21))], "ddpm"),
+      _record("classification", 1.0, "real+ddpm",
+              [v + d for v, d in zip(base, (0.05, -0.04, 0.02, -0.03))],
+              "ddpm"),
+      _record("classification", 0.1, "real+acgan",
+              [v + d for v, d in zip(base, (0.03, -0.02, 0.01, -0.01))],
+              "acgan"),
+      _record("classification", 1.0, "real+acgan",
+              [v - d for v, d in zip(base, (0.10, 0.12, 0.11, 0.09))],
+              "acgan")]
+  study_lib.paired_deltas(results)
+  verdicts = report.family_verdicts(c, results)
+  by_name = {v.split("**")[1]: v for v in verdicts}
+  assert set(by_name) == {"ddpm", "acgan"}   # cvae has no arm here
+  ddpm, gan = by_name["ddpm"], by_name["acgan"]
+  assert ddpm.startswith("**ddpm** (diffusion), classification (auc): helps")
+  assert "at 0.1 of the real data better than real-only (0.205" in ddpm
+  assert "and better than real+classical" in ddpm
+  assert "at 1 of the real data no difference to real-only or" in ddpm
+  assert gan.startswith("**acgan** (GAN), classification (auc): hurts")
+  assert "at 1 of the real data worse than real-only (-0.105" in gan
 
 
 def test_cell_inputs_change_with_what_a_cell_depends_on():

@@ -31,7 +31,10 @@ def _write_subjects(root: str, n: int = 8) -> None:
 def test_mini_study_on_a_nifti_folder(tmp_path):
   root = str(tmp_path / "nifti")
   _write_subjects(root)
-  c = study_config.get_config("runlocal,fractions=1,seeds=1,tasks=all")
+  # The strict protocol: one generator per fraction, trained on exactly
+  # that fraction's subjects.
+  c = study_config.get_config("runlocal,fractions=0.5+1,seeds=1,tasks=all,"
+                              "generators=ddpm,generator_data=per_fraction")
   c.data = common.nifti_data_config(
       root=root, modalities={"t1": "{subject}/t1.nii.gz",
                              "t2": "{subject}/t2.nii.gz"},
@@ -52,11 +55,24 @@ def test_mini_study_on_a_nifti_folder(tmp_path):
   assert (tasks["translation"]["inputs"], tasks["translation"]["target"]) == (
       ["t1"], "t2")
   assert resolved["generators"]["ddpm"]["data"]["mask_channels"] == ["mask"]
+  for fraction in (0.5, 1):
+    with open(os.path.join(workdir, "generators", f"ddpm_f{fraction:g}",
+                           "config.json")) as f:
+      gen_data = json.load(f)["data"]
+    assert gen_data["subject_fraction"] == fraction
+    with open(os.path.join(workdir, "synthetic", f"ddpm_f{fraction:g}",
+                           "provenance.json")) as f:
+      assert json.load(f)["generator_workdir"].endswith(
+          os.path.join("generators", f"ddpm_f{fraction:g}"))
   with open(os.path.join(workdir, "results.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  assert {(r["task"], r["arm"]) for r in rows} == {
-      (t, a) for t in ("classification", "segmentation", "translation")
-      for a in ("real", "real+classical", "real+ddpm")}
+  assert {(r["task"], r["fraction"], r["arm"]) for r in rows} == {
+      (t, f, a) for t in ("classification", "segmentation", "translation")
+      for f in (0.5, 1.0) for a in ("real", "real+classical", "real+ddpm")}
+  # Each fraction's synthetic arm was fed by that fraction's generator.
+  for r in rows:
+    if r["arm"] == "real+ddpm":
+      assert r["generator"] == f"ddpm_f{r['fraction']:g}", r
   for r in rows:
     assert np.isfinite(r["metrics"][r["primary"]]["mean"]), r
   md = open(os.path.join(workdir, "report.md")).read()

@@ -625,42 +625,50 @@ def run_downstream(config, workdir: str, real: Dict[str, Arrays],
 
 
 def near_decision(results: Sequence[Dict[str, Any]], band: Sequence[float]
-                  ) -> List[Tuple[str, float]]:
-  """``(task, fraction)`` groups in which a synthetic arm's paired
-  difference to real-only or to real+classical has a p-value inside
-  ``band = (low, high)``: neither clearly there nor clearly absent, so
-  more seeds can change the verdict."""
+                  ) -> List[Tuple[str, float, Tuple[str, ...]]]:
+  """``(task, fraction, arms)`` where a synthetic arm's paired difference
+  to real-only or to real+classical has a p-value inside ``band = (low,
+  high)``: neither clearly there nor clearly absent, so more seeds can
+  change the verdict. ``arms`` are those synthetic arms and the two
+  baselines they are compared with."""
   paired = [dict(r) for r in results]
   paired_deltas(paired)
   low, high = band
-  out = []
+  close: Dict[Tuple[str, float], List[str]] = {}
   for r in paired:
     if not r.get("generator"):
       continue
     ps = [r[k]["p"] for k in ("delta_vs_real", "delta_vs_classical")
           if k in r and np.isfinite(r[k].get("p", np.nan))]
     if any(low <= p <= high for p in ps):
-      group = (r["task"], r["fraction"])
-      if group not in out:
-        out.append(group)
+      close.setdefault((r["task"], r["fraction"]), []).append(r["arm"])
+  present = {(r["task"], r["fraction"], r["arm"]) for r in results}
+  out = []
+  for (task, fraction), arms in close.items():
+    base = [a for a in ("real", "real+classical")
+            if (task, fraction, a) in present]
+    out.append((task, fraction, tuple(base + arms)))
   return out
 
 
 def add_seeds_near_decisions(config, workdir: str, ds: _Downstream,
                              results: List[Dict[str, Any]],
                              arms: Sequence[ArmSpec]) -> None:
-  """Gives every arm of each :func:`near_decision` group
-  ``study.extra_seeds`` more seeds (the same new seeds in every arm, so
-  the pairing holds), once; records are updated in place and on disk."""
+  """Gives the arms of each :func:`near_decision` comparison
+  ``study.extra_seeds`` more seeds (the same new seeds in each, so the
+  pairing holds), once; records are updated in place and on disk. Arms
+  far from a decision keep their seeds: with several generators, most
+  groups have one close comparison, and extending every arm would cost
+  as much as the first pass."""
   sc = config.study
   total = sc.num_seeds + sc.extra_seeds
   path = os.path.join(workdir, RESULTS)
-  groups = [g for g in near_decision(results, sc.decision_band)
-            if any(len(r["seed_scores"]) < total for r in results
-                   if (r["task"], r["fraction"]) == g)]
   by_cell = {(r["task"], r["fraction"], r["arm"]): r for r in results}
-  todo = [(t, f, a) for t, f in groups for a in arms
-          if (t, f, a.name) in by_cell and
+  close = {(t, f, a) for t, f, names in near_decision(
+      results, sc.decision_band) for a in names}
+  todo = [(t, f, a) for t, f in dict.fromkeys(
+      (r["task"], r["fraction"]) for r in results) for a in arms
+          if (t, f, a.name) in close and
           len(by_cell[(t, f, a.name)]["seed_scores"]) < total]
   for task_name, fraction, arm in runtime.progress(
       todo, len(todo), desc="extra seeds"):

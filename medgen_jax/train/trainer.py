@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -361,6 +361,20 @@ def _average_metrics(names) -> type:
       **{k: clu_metrics.Average.from_output(k) for k in names})
 
 
+def metric_accumulator(names: Sequence[str]
+                       ) -> Tuple[Callable[..., Any], Callable[..., Any]]:
+  """``(first, merge)``: jitted ``metrics -> acc`` and ``(acc, metrics) ->
+  acc`` averaging a step's ``metrics`` (keys ``names``) over steps with
+  clu's ``Average``, so each step costs one dispatch: op by op, a method
+  with a dozen metrics ran ~120 eager ops per step, which on a CPU took
+  as long as a small model's whole step (docs/performance.md)."""
+  collection = _average_metrics(sorted(names))
+  first = jax.jit(lambda m: collection.single_from_model_output(**m))
+  merge = jax.jit(
+      lambda acc, m: acc.merge(collection.single_from_model_output(**m)))
+  return first, merge
+
+
 def write_sample_grid(exp: Experiment, state: PyTree, path: str,
                       num: int) -> np.ndarray:
   """Draws ``num`` examples with a fixed key (balanced classes), saves the
@@ -499,7 +513,7 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
   # Built once (reads data, loads or trains the in-domain encoder); only
   # evaluators with every_steps > 0 run during training.
   evaluators = eval_registry.build_all(config, workdir, periodic_only=True)
-  collection, acc, last = None, None, {}
+  accumulate, acc, last = None, None, {}
   samples: List[str] = []
   t0 = time.time()
   done = start  # the last step whose state `state` holds
@@ -520,10 +534,9 @@ def _train(exp: Experiment, mngr, workdir: str) -> Dict[str, Any]:
           done = step
           if step == start + 1:
             runtime.release_free_memory()  # the compiler's scratch
-          if collection is None:
-            collection = _average_metrics(sorted(m))
-          one = collection.single_from_model_output(**m)
-          acc = one if acc is None else acc.merge(one)
+          if accumulate is None:
+            accumulate = metric_accumulator(m)
+          acc = accumulate[0](m) if acc is None else accumulate[1](acc, m)
           report(step)
           if step % tc.log_every == 0 or step == tc.num_steps:
             last = {k: float(v) for k, v in acc.compute().items()}
