@@ -39,6 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     gen.sample.update(steps=50, eta=0.0, guidance_scale=1.0)
   sc = c.study
   sc.update(synthetic_per_class=1000, extra_seeds=3,
+            classical_strengths=(0.25, 0.5, 1.0),
             arms=("real", "real+classical", "real+synthetic",
                   "real+classical+synthetic", "synthetic"))
   if not a.fractions:
