@@ -163,7 +163,9 @@ def plot_task(results: List[Dict[str, Any]], task: str, metric: str,
   ax.set_xticklabels([f"{f:g}" for f in fractions])
   ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   if np.isfinite(tasks_lib.metric_range(metric)[1]):
-    lo = min(0.0, np.nanmin([r["metrics"][metric]["ci_low"] for r in rows]))
+    # One seed has no interval (NaN bounds): the axis starts at 0 then.
+    lo = min([0.0] + [r["metrics"][metric]["ci_low"] for r in rows
+                      if np.isfinite(r["metrics"][metric]["ci_low"])])
     ax.set_ylim(lo - 0.02, 1.02)
   ax.set_xlabel("fraction of real training subjects")
   ax.set_ylabel(metric + ("" if tasks_lib.higher_is_better(metric)
