@@ -324,9 +324,7 @@ def _classical_check(cell, task: str, metric: str, fractions) -> str:
   if d is None:
     return f"Check of the classical baseline ({task}): no real+classical arm."
   sign = 1 if tasks_lib.higher_is_better(metric) else -1
-  # The whole interval on the losing side.
-  worse = bool(np.isfinite(d["ci_high"]) and
-               max(sign * d["ci_low"], sign * d["ci_high"]) < 0)
+  worse = _outcome(d, sign) == "worse"  # the whole interval on that side
   verdict = ("worse than real-only: at this training budget the classical "
              "augmentation costs more than it adds; read the "
              "'Δ vs real+classical' columns against a weak baseline"
@@ -384,34 +382,6 @@ def _extra_seeds_note(sc, results) -> str:
                       for (t, f), a in sorted(arms.items())) + ")")
 
 
-def _verdict(results, task: str) -> str:
-  """One honest sentence per task from the paired deltas."""
-  rows = [r for r in results if r["task"] == task and "delta_vs_real" in r]
-  if not rows:
-    return ""
-  metric = rows[0]["primary"]
-  sign = 1 if tasks_lib.higher_is_better(metric) else -1
-  wins, losses, ties = [], [], []
-  for r in rows:
-    d = r["delta_vs_real"]
-    label = f"{r['arm']} at {r['fraction']:g}"
-    if np.isfinite(d["ci_low"]) and sign * d["ci_low"] > 0 and sign * d[
-        "ci_high"] > 0:
-      wins.append(label)
-    elif np.isfinite(d["ci_low"]) and sign * d["ci_low"] < 0 and sign * d[
-        "ci_high"] < 0:
-      losses.append(label)
-    else:
-      ties.append(label)
-  parts = [f"**{task}** ({metric}): "]
-  parts.append(f"better than real-only with 95% confidence: "
-               f"{', '.join(wins) if wins else 'none'}; ")
-  parts.append(f"worse: {', '.join(losses) if losses else 'none'}; ")
-  parts.append(f"not distinguishable from real-only with these seeds: "
-               f"{len(ties)} of {len(rows)} cells.")
-  return "".join(parts)
-
-
 def _outcome(d: Dict[str, float], sign: int) -> str:
   """``better``/``worse`` when the paired interval excludes 0 on that
   side, else ``level``."""
@@ -422,6 +392,27 @@ def _outcome(d: Dict[str, float], sign: int) -> str:
     if max(lo, hi) < 0:
       return "worse"
   return "level"
+
+
+def _verdict(results, task: str) -> str:
+  """One honest sentence per task from the paired deltas."""
+  rows = [r for r in results if r["task"] == task and "delta_vs_real" in r]
+  if not rows:
+    return ""
+  metric = rows[0]["primary"]
+  sign = 1 if tasks_lib.higher_is_better(metric) else -1
+  by_outcome: Dict[str, List[str]] = {"better": [], "worse": [], "level": []}
+  for r in rows:
+    by_outcome[_outcome(r["delta_vs_real"], sign)].append(
+        f"{r['arm']} at {r['fraction']:g}")
+  wins, losses, ties = (by_outcome[k] for k in ("better", "worse", "level"))
+  parts = [f"**{task}** ({metric}): "]
+  parts.append(f"better than real-only with 95% confidence: "
+               f"{', '.join(wins) if wins else 'none'}; ")
+  parts.append(f"worse: {', '.join(losses) if losses else 'none'}; ")
+  parts.append(f"not distinguishable from real-only with these seeds: "
+               f"{len(ties)} of {len(rows)} cells.")
+  return "".join(parts)
 
 
 def family_verdicts(config, results) -> List[str]:
