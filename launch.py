@@ -23,6 +23,7 @@ Modes:
 """
 
 import ast
+import logging as std_logging
 import os
 import signal
 import sys
@@ -154,6 +155,11 @@ def main(argv):
     if message is None or _VERBOSE.value:
       raise
     logging.error("%s", message)
+    # A failed checkpoint read leaves orbax's other read tasks failing the
+    # same way; at exit asyncio and the garbage collector would print each
+    # one after the message, burying it.
+    std_logging.getLogger("asyncio").disabled = True
+    sys.unraisablehook = lambda unraisable: None
     sys.exit(f"error: {message}")
 
 
