@@ -39,7 +39,9 @@ Args (``key=value`` after the colon):
     generator's arms appear in every table. "ddpm" is the study's tuned
     label-conditional DDPM; other configs run at their own defaults (fewer
     steps here: :data:`CPU_GENERATOR_BUDGET`; their ``runlocal`` size under
-    ``runlocal``).
+    ``runlocal``). "ldm" (label-conditional latent diffusion) trains its
+    stage-1 autoencoder on the same subjects first, into
+    ``generators/ldm/stage1``.
   translators: translation methods benchmarked on every translation task,
     as config names joined by "+" (pix2pix, cyclegan, vaegan): each is
     trained per fraction and seed on the same real subjects as the task's
@@ -90,8 +92,9 @@ def _generator(name: str, a, preset: str) -> ml_collections.ConfigDict:
     module = importlib.import_module(f"configs.{name}")
   except ModuleNotFoundError:
     raise ValueError(f"generators: no config configs/{name}.py") from None
-  gen = module.get_config(f"res={a.res},mask" +
-                          (",runlocal" if a.runlocal else ""))
+  args = [f"res={a.res}", "mask", _GENERATOR_ARGS.get(name, "")]
+  args += ["runlocal"] if a.runlocal else []
+  gen = module.get_config(",".join(filter(None, args)))
   if preset == "cpu" and not a.runlocal:
     for key, value in CPU_GENERATOR_BUDGET.get(name, {}).items():
       section, field = key.split(".")
@@ -101,10 +104,18 @@ def _generator(name: str, a, preset: str) -> ml_collections.ConfigDict:
   # The study scores every synthetic set itself and draws its grid; the
   # generator's own periodic evaluations would cost compiles and minutes
   # (its end-of-training FID would train a second in-domain encoder).
-  for e in gen.get("evals", {}).values():
-    e.every_steps = 0
-  gen.train.sample_every = 0
+  for run in (gen, gen.get("stage1")):  # a latent model's stage 1 too
+    if run is None:
+      continue
+    for e in run.get("evals", {}).values():
+      e.every_steps = 0
+    run.train.sample_every = 0
   return gen
+
+
+# Config args for generators that are unconditional by default: the study
+# asks every generator for the same number of images of each class.
+_GENERATOR_ARGS = {"ldm": "cond=label"}
 
 
 # The default job's budget for the other families, so that the three

@@ -483,3 +483,24 @@ def test_mini_study_benchmarks_translators_like_the_regression_arms(
   assert os.path.isdir(os.path.join(workdir, "translators",
                                     "translation_pix2pix_f0.5_s1",
                                     "checkpoints"))
+
+
+def test_a_latent_generator_and_its_stage_1_train_on_the_study_data():
+  c = study_config.get_config("runlocal,generators=ddpm+ldm")
+  c.data.contrasts = ("t1w", "flair")
+  config_check.validate(c)  # stage 1 used to keep its own contrasts
+  gen = study_lib.generator_config(c, "ldm", 0.5)
+  assert gen.data.cond == "label"
+  assert gen.stage1.train.sample_every == 0  # the study draws its own grids
+  for section in (gen, gen.stage1):
+    assert tuple(section.data.contrasts) == ("t1w", "flair")
+    assert section.data.subject_fraction == 0.5
+    assert section.data.num_subjects == c.data.num_subjects
+  train = {"image": np.zeros((4, 8, 8, 2)), "label": np.array([0, 1, 0, 1]),
+           "mask": np.zeros((4, 8, 8, 1))}
+  resolved, _ = study_lib.resolve_for_data(c, train)
+  gen = study_lib.generator_config(resolved, "ldm", None)
+  assert tuple(gen.data.mask_channels) == ("mask",)
+  assert tuple(gen.stage1.data.mask_channels) == ("mask",)
+  assert "subject_fraction" not in gen.stage1.data or (
+      gen.stage1.data.subject_fraction == 1.0)

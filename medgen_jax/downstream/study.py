@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 from scipy import stats as scipy_stats
 
+from medgen_jax import commands
 from medgen_jax import jsonl
 from medgen_jax import runtime
 from medgen_jax import sampling
@@ -189,8 +190,10 @@ def resolve_for_data(config: ml_collections.ConfigDict, train: Arrays
         "; give it labels, masks or a second contrast")
   c.study.mask_key = mask or ""
   for gen in c.generators.values():
-    if gen.data.get("mask_channels"):
-      gen.data.mask_channels = (mask,) if mask else ()
+    # A latent model's stage 1 codes the same channels as the model.
+    for section in (gen, gen.get("stage1")):
+      if section is not None and section.data.get("mask_channels"):
+        section.data.mask_channels = (mask,) if mask else ()
   return c, notes
 
 
@@ -198,15 +201,26 @@ def generator_config(study_cfg: ml_collections.ConfigDict, name: str,
                      fraction: Optional[float]) -> ml_collections.ConfigDict:
   """The generator's config; ``fraction`` restricts its training subjects."""
   gen = copy.deepcopy(study_cfg.generators[name])
-  # The generator sees the study's data section (any data set), keeping
-  # only what is its own: conditioning, mask channels and batch size.
-  own = {k: gen.data[k] for k in GENERATOR_DATA_KEYS if k in gen.data}
-  gen.data = copy.deepcopy(study_cfg.data)
-  gen.data.update(own)
-  if fraction is not None and fraction < 1.0:
-    gen.data.subject_fraction = fraction
-    gen.data.subject_seed = 0
+  _use_study_data(gen, study_cfg.data, fraction)
+  if gen.get("stage1") is not None:
+    # A latent model's stage 1 is part of the generator: the same data,
+    # the same subjects.
+    _use_study_data(gen.stage1, study_cfg.data, fraction)
   return gen
+
+
+def _use_study_data(run: ml_collections.ConfigDict,
+                    data: ml_collections.ConfigDict,
+                    fraction: Optional[float]) -> None:
+  """Gives ``run`` the study's data section (any data set), keeping only
+  what is its own: conditioning, mask channels and batch size; a
+  ``fraction`` < 1 restricts its training subjects."""
+  own = {k: run.data[k] for k in GENERATOR_DATA_KEYS if k in run.data}
+  run.data = copy.deepcopy(data)
+  run.data.update(own)
+  if fraction is not None and fraction < 1.0:
+    run.data.subject_fraction = fraction
+    run.data.subject_seed = 0
 
 
 def generator_runs(config: ml_collections.ConfigDict
@@ -229,10 +243,13 @@ def train_generators(config, workdir: str) -> Dict[str, Dict[str, Any]]:
   """Trains (or resumes, or skips when finished) every generator run."""
   out = {}
   for name, fraction, run in generator_runs(config):
-    gen_cfg = generator_config(config, name, fraction)
     gen_dir = os.path.join(workdir, "generators", run)
     logging.info("generator %s -> %s", run, gen_dir)
     t0 = time.time()
+    # What the generator names "auto" (a latent model's stage 1) is
+    # trained into its workdir first, as with --mode=train.
+    gen_cfg = commands.resolve_auto_inputs(
+        generator_config(config, name, fraction), gen_dir)
     summary = trainer.train(gen_cfg, gen_dir)
     out[run] = dict(config=gen_cfg, workdir=gen_dir,
                     seconds=time.time() - t0, final=summary["metrics"])
