@@ -22,6 +22,13 @@ def _summary_table(rows) -> str:
   return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def _print(text: str) -> None:
+  """Prints a command's summary once: from process 0 of a multi-process
+  run (the others computed the same)."""
+  if trainer.is_primary():
+    print(text, flush=True)
+
+
 def resolve_auto_inputs(config: ml_collections.ConfigDict, workdir: str
                         ) -> ml_collections.ConfigDict:
   """``config`` with the inputs its method names ``"auto"`` produced first
@@ -79,7 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   rows += [(f"train {k}", f"{v:.5g}") for k, v in sorted(out["metrics"].items())]
   if out["samples"]:
     rows.append(("last sample grid", out["samples"][-1]))
-  print("Training finished:\n" + _summary_table(rows), flush=True)
+  _print("Training finished:\n" + _summary_table(rows))
   return out
 
 
@@ -101,19 +108,27 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   stats = {k: tuple(v) for k, v in meta["normalization"].items()}
   out["image_signal"] = pipeline.denormalize(out["image"], meta["contrasts"],
                                              stats)
-  mask_keys = tuple(config.data.get("mask_channels", ()))
   base = os.path.join(workdir, "samples", f"final_step_{step}")
+  if trainer.is_primary():  # every process drew the same samples
+    _write_samples(out, config.data, base)
+    print(f"Wrote {sc.num} samples from step {step}: {base}.npz, "
+          f"{base}.png", flush=True)
+  return out
+
+
+def _write_samples(out: Dict[str, np.ndarray], d: ml_collections.ConfigDict,
+                   base: str) -> None:
+  """``<base>.npz`` (atomically) and ``<base>.png``, a grid of the first
+  64 with the first mask overlaid."""
+  mask_keys = tuple(d.get("mask_channels", ()))
   os.makedirs(os.path.dirname(base), exist_ok=True)
   tmp = base + ".tmp.npz"
   np.savez_compressed(tmp, **out)
   os.replace(tmp, base + ".npz")
   masks = out[mask_keys[0]][:64] if mask_keys else None
-  viz.save_png(viz.image_grid(out["image"][:64], config.data.spatial_dims,
+  viz.save_png(viz.image_grid(out["image"][:64], d.spatial_dims,
                               masks=masks), base + ".png")
-  logging.info("wrote %d samples to %s.npz", sc.num, base)
-  print(f"Wrote {sc.num} samples from step {step}: {base}.npz, {base}.png",
-        flush=True)
-  return out
+  logging.info("wrote %d samples to %s.npz", len(out["image"]), base)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str
@@ -141,7 +156,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
     rows += [(f"{name} {k}", f"{v:.5g}") for k, v in sorted(r.metrics.items())]
     rows.append((f"{name} record",
                  eval_registry.record_path(workdir, name, step)))
-  print("Evaluation finished:\n" + _summary_table(rows), flush=True)
+  _print("Evaluation finished:\n" + _summary_table(rows))
   return {"step": step, "results": results}
 
 
@@ -205,11 +220,13 @@ def sampling_cost(config: ml_collections.ConfigDict, workdir: str
       f"{r['precision']:.2f} | {r['recall']:.2f} | {r['seconds']:.1f} | "
       f"{r['ms_per_image']:.1f} |\n" for r in rows)
   out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
   base = os.path.join(out_dir, f"sampling_cost_step_{step}")
   card = dict(step=step, num_samples=evaluator.fields.num_samples,
               batch_size=batch_size, device=str(jax.devices()[0]),
               metrics=f"evals.{name} (in-domain encoder)", rows=rows)
+  if not trainer.is_primary():  # every process computed the same table
+    return card
+  os.makedirs(out_dir, exist_ok=True)
   for path, text in ((base + ".json", json.dumps(card, indent=2)),
                      (base + ".md", table)):
     with open(path + ".tmp", "w") as f:
@@ -259,12 +276,14 @@ def inspect(config: ml_collections.ConfigDict, workdir: str
   train_split = d.train_split if d.train_split in raw else order[0]
   stats = pipeline.normalization_stats(raw[train_split], d)
   out_dir = os.path.join(workdir, "inspect")
-  os.makedirs(out_dir, exist_ok=True)
-  grid = summary_lib.example_grid(raw[train_split], d, stats)
-  png = viz.save_png(grid, os.path.join(out_dir, f"{d.dataset}_grid.png"))
+  png = os.path.join(out_dir, f"{d.dataset}_grid.png")
   out = {"dataset": d.dataset, "name": f"{builder.name}/"
          f"{builder.builder_config.name}", "path": str(builder.data_dir),
          "splits": splits, "normalization": stats, "grid": png}
+  if not trainer.is_primary():  # the same description on every process
+    return out
+  os.makedirs(out_dir, exist_ok=True)
+  viz.save_png(summary_lib.example_grid(raw[train_split], d, stats), png)
   tmp = os.path.join(out_dir, f"{d.dataset}_summary.json.tmp")
   with open(tmp, "w") as f:
     json.dump(out, f, indent=2, sort_keys=True)

@@ -21,8 +21,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medgen_jax import jsonl, runtime, workdir_lock
+from medgen_jax import commands, jsonl, runtime, workdir_lock
 from medgen_jax.data import pipeline
+from medgen_jax.eval import encoder as encoder_lib
 from medgen_jax.train import checkpoint, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,7 @@ def _pythonpath() -> str:
 RECORDER = r'''
 import json, os, runpy, signal, sys
 import jax
+import numpy as np
 from medgen_jax import jsonl, viz
 from medgen_jax.data import pipeline
 from medgen_jax.train import trainer
@@ -72,7 +74,8 @@ before(pipeline.Batcher, "batch", lambda self, step: log(
     of=self.process_index, count=self.process_count,
     indices=self.indices(step).tolist()))
 for owner, name, arg in ((jsonl, "write_json", 0), (jsonl, "rewrite", 0),
-                         (viz, "save_png", 1), (trainer, "_append_jsonl", 0)):
+                         (viz, "save_png", 1), (trainer, "_append_jsonl", 0),
+                         (np, "savez_compressed", 0)):
   before(owner, name, lambda *a, _n=name, _i=arg, **k: log(
       kind="write", fn=_n, process=jax.process_index(), path=str(a[_i])))
 
@@ -283,6 +286,61 @@ def test_only_process_0_writes_the_workdir_files(runs):
   assert len(events) == 2 and {int(f.split(".")[-3]) for f in events} <= pids
   # The workdir lock (held by process 0) is released: its record emptied.
   assert (two / workdir_lock.LOCK_NAME).read_text() == ""
+
+
+@pytest.fixture(scope="module")
+def other_modes(runs, tmp_path_factory):
+  """``--mode=sample`` and ``--mode=eval`` as two processes on the resumed
+  run's final checkpoint."""
+  tmp = tmp_path_factory.mktemp("multihost_modes")
+  env = dict(os.environ, PYTHONPATH=_pythonpath(),
+             MEDGEN_DATA_DIR=runs["config"].data.data_dir,
+             MEDGEN_JAX_HUGE_PAGES="0", PYTHON=sys.executable)
+  out = {}
+  for mode, extra in (("sample", ["--config.sample.num=8"]), ("eval", [])):
+    record, logs = tmp / f"record_{mode}", tmp / f"logs_{mode}"
+    record.mkdir()
+    (tmp / "recorder.py").write_text(RECORDER)
+    r = subprocess.run(
+        [os.path.join(CLUSTER, "local_two_process.sh"),
+         str(tmp / "recorder.py"), *_flags(FINAL, 0, runs["two"]),
+         f"--mode={mode}", *extra], cwd=ROOT,
+        env=dict(env, LOG_DIR=str(logs), MH_RECORD=str(record)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    out[mode] = dict(rc=r.returncode, out=r.stdout.decode(),
+                     logs=_logs(logs), records={
+                         i: _jsonl(record / f"process_{i}.jsonl")
+                         for i in (0, 1)})
+  return out
+
+
+def test_sample_and_eval_modes_run_as_two_processes(runs, other_modes):
+  two = runs["two"]
+  for mode, r in other_modes.items():
+    assert r["rc"] == 0, (mode, r["out"], r["logs"][0][-3000:],
+                          r["logs"][1][-3000:])
+    assert not [w for w in r["records"][1] if w["kind"] == "write"], mode
+  written = {os.path.relpath(w["path"], two)
+             for w in other_modes["sample"]["records"][0]
+             if w["kind"] == "write"}
+  base = os.path.join("samples", f"final_step_{FINAL}")
+  assert {base + ".tmp.npz", base + ".png"} <= written
+  assert f"Wrote 8 samples from step {FINAL}" in other_modes["sample"][
+      "logs"][0]
+  assert "Wrote" not in other_modes["sample"]["logs"][1]
+  # The samples are those of the same checkpoint drawn by one process.
+  config = runs["config"].copy_and_resolve_references()
+  config.sample.num = 8
+  with np.load(two / (base + ".npz")) as f:
+    got = f["image"]
+  want = commands.sample(config, str(two))["image"]
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  # The evaluators' records, and the feature extractor saved once by both.
+  with open(two / "eval" / f"generative_step_{FINAL}.json") as f:
+    assert np.isfinite(json.load(f)["metrics"]["fid"])
+  assert (two / "encoder" / encoder_lib.CARD).exists()
+  assert "Evaluation finished" in other_modes["eval"]["logs"][0]
+  assert "Evaluation finished" not in other_modes["eval"]["logs"][1]
 
 
 # Two processes start JAX from $JAX_* (runtime.setup), try the workdir's

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Dict, Optional
 
 import jax
@@ -187,14 +186,15 @@ def train_or_load(cfg: ml_collections.ConfigDict, contrasts, spatial_dims: int,
                   + "; inputs are the normalised contrasts "
                   + "+".join(contrasts)),
               **(extra_card or {}))
-  if os.path.exists(params_dir):
-    shutil.rmtree(params_dir)
   os.makedirs(directory, exist_ok=True)
+  # Every process trained the same encoder; orbax's save is collective
+  # (``force``: process 0 replaces a stale cache), the card is process 0's.
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(params_dir, params)
+  ckpt.save(params_dir, params, force=True)
   ckpt.wait_until_finished()
-  tmp = card_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(card, f, indent=2, sort_keys=True)
-  os.replace(tmp, card_path)  # the card last: a card means a complete save.
+  if jax.process_index() == 0:
+    tmp = card_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(card, f, indent=2, sort_keys=True)
+    os.replace(tmp, card_path)  # the card last: a card means a whole save.
   return Encoder(task, params, card)
