@@ -46,7 +46,6 @@ from medgen_jax.data.builder_lib import DataError, file_error
 
 NAME = "dicom_folder"
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 MASK_MODES = ("auto", "none")
 _REQUIRED = ("root",)
 _IMAGE_TAGS = ("SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient",
@@ -188,11 +187,11 @@ def validate_config(data_cfg) -> List[str]:
 
 
 def _read_header(path: str) -> Optional[pydicom.Dataset]:
-  """The header, None for a non-DICOM file (unless named ``*.dcm``)."""
+  """The header, None for a non-DICOM file (unless it has a DICOM suffix)."""
   try:
     return pydicom.dcmread(path, stop_before_pixels=True)
   except InvalidDicomError as e:
-    if path.lower().endswith(DICOM_SUFFIXES):
+    if path.lower().endswith(dicom_images.DICOM_SUFFIXES):
       raise file_error(path, f"not a valid DICOM file ({e})") from None
     return None
   except Exception as e:  # truncated headers raise many types.
