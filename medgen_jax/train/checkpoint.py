@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from medgen_jax import errors
 
@@ -121,9 +122,11 @@ def check_fits(mngr: ocp.CheckpointManager, step: int,
   Reads only the checkpoint's metadata, so a wrong config fails with this
   message before any array is read. Dtypes may differ (orbax casts).
   """
-  path = os.path.join(str(mngr.directory), str(step), "state")
+  path = epath.Path(str(mngr.directory)) / str(step) / "state"
   try:
-    stored = _shapes(ocp.StandardCheckpointer().metadata(path).item_metadata)
+    # The item's own tree metadata (a Checkpointer would also look for a
+    # step-level metadata file inside the item and warn that it is missing).
+    stored = _shapes(ocp.StandardCheckpointHandler().metadata(path))
   except Exception:  # pylint: disable=broad-except
     stored = {}
   if not stored:
