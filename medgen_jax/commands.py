@@ -314,6 +314,12 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str):
     raise errors.UserError(
         f"--mode={mode} needs a method config (e.g. configs/ddpm.py); a "
         "study config runs with --mode=study")
+  if mode == "study" and jax.process_count() > 1:
+    # Its stages write from whichever process runs them (docs/multihost.md).
+    raise errors.UserError(
+        f"--mode=study runs as one process; this is one of "
+        f"{jax.process_count()}. Start it without the multi-process launcher "
+        "(one process uses every local device)")
   with workdir_lock.hold(workdir, f"--mode={mode}",
                          primary=jax.process_index() == 0):
     if mode in ("train", "sample", "eval", "sampling_cost"):

@@ -14,8 +14,11 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from configs import study as study_config
+from medgen_jax import commands
 from medgen_jax import errors
 from medgen_jax import jsonl
 from medgen_jax import workdir_lock
@@ -192,6 +195,15 @@ def test_no_config_flag_means_the_study(tmp_path):
   assert _last_line(r) == (
       "error: --mode=train needs a method config (e.g. configs/ddpm.py); a "
       "study config runs with --mode=study"), r.stderr[-2000:]
+
+
+def test_a_multi_process_study_is_refused_before_it_writes(tmp_path,
+                                                           monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(errors.UserError, match=r"--mode=study runs as one "
+                     r"process; this is one of 2\. Start it without"):
+    commands.run("auto", study_config.get_config("runlocal"), str(tmp_path))
+  assert os.listdir(tmp_path) == []
 
 
 def test_a_raising_config_file_is_named(tmp_path):
