@@ -430,14 +430,16 @@ def family_verdicts(config, results) -> List[str]:
         continue
       metric = rows[0]["primary"]
       sign = 1 if tasks_lib.higher_is_better(metric) else -1
-      clauses, seen = [], set()
+      clauses, seen, all_level = [], set(), True
       for r in rows:
         vs_real = _outcome(r["delta_vs_real"], sign)
         vs_cls = (_outcome(r["delta_vs_classical"], sign)
                   if "delta_vs_classical" in r else None)
         seen.add(vs_real)
         where = f"at {r['fraction']:g} of the real data"
-        if vs_real == "level" and vs_cls in ("level", None):
+        level = vs_real == "level" and vs_cls in ("level", None)
+        all_level = all_level and level
+        if level:
           clauses.append(f"{where} no difference to real-only"
                          f"{' or real+classical' if vs_cls else ''} that "
                          "the seeds support")
@@ -455,7 +457,7 @@ def family_verdicts(config, results) -> List[str]:
       overall = ("mixed" if {"better", "worse"} <= seen else
                  "helps" if "better" in seen else
                  "hurts" if "worse" in seen else "no supported effect")
-      if all(c.endswith("that the seeds support") for c in clauses):
+      if all_level:
         fractions = " or ".join(f"{r['fraction']:g}" for r in rows)
         clauses = [f"no difference to real-only or real+classical that the "
                    f"seeds support, at {fractions} of the real data"]
